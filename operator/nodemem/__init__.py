@@ -1,0 +1,1 @@
+"""nodemem: node memory and OOM policy for Kubernetes."""

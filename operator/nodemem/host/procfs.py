@@ -1,0 +1,136 @@
+"""Reading /proc/PID/*: the process list, status fields, namespaces.
+
+Processes come and go during a scan and some refuse to be read (EACCES on PID 1
+here). Readers raise `ProcessGone` or `ProcessUnreadable`; callers count them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from nodemem.host.paths import HostPaths
+
+
+class ProcessGone(Exception):  # noqa: N818 - a state, not a fault
+    """The process exited while it was being read."""
+
+
+class ProcessUnreadable(Exception):  # noqa: N818 - a state, not a fault
+    """The kernel refused to show part of the process (EACCES, EPERM)."""
+
+    def __init__(self, pid: int, what: str, error: OSError) -> None:
+        super().__init__(f"pid {pid}: {what}: {error.strerror or error}")
+        self.pid = pid
+        self.what = what
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process that holds something (an fd, a mapping, an attach)."""
+
+    pid: int
+    comm: str
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    """The fields of /proc/PID/status the agent uses. Sizes in bytes."""
+
+    pid: int
+    comm: str
+    ppid: int
+    uid: int
+    kthread: bool
+    rss_bytes: int
+    rss_shmem_bytes: int
+    swap_bytes: int
+    pte_bytes: int
+
+
+_GONE_ERRNOS = {errno.ENOENT, errno.ESRCH}
+_REFUSED_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def classify(pid: int, what: str, error: OSError) -> Exception:
+    """Map an OSError from /proc to ProcessGone / ProcessUnreadable (others stay)."""
+    if error.errno in _GONE_ERRNOS:
+        return ProcessGone(pid)
+    if error.errno in _REFUSED_ERRNOS:
+        return ProcessUnreadable(pid, what, error)
+    return error
+
+
+def list_pids(paths: HostPaths) -> list[int]:
+    """Thread-group ids present in the proc root, ascending."""
+    return sorted(int(name) for name in os.listdir(paths.proc_root) if name.isdigit())
+
+
+def parse_status(pid: int, text: str) -> ProcStatus:
+    """Parse the text of /proc/PID/status.
+
+    Raises ValueError on content that is not a status file (missing Name/PPid/Uid).
+    """
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key] = value.strip()
+    try:
+        comm = fields["Name"]
+        ppid = int(fields["PPid"])
+        uid = int(fields["Uid"].split()[0])
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ValueError(f"pid {pid}: not a /proc status file ({exc!r})") from None
+
+    def kib(key: str) -> int:
+        raw = fields.get(key)
+        if raw is None:
+            return 0
+        number, _, unit = raw.partition(" ")
+        if unit.strip() not in ("kB", ""):
+            raise ValueError(f"pid {pid}: {key} has unit {unit!r}, expected kB")
+        return int(number) * 1024
+
+    # Kernel threads have no mm: no VmSize line (and `Kthread: 1` on 6.x kernels).
+    kthread = fields.get("Kthread") == "1" or "VmSize" not in fields
+    return ProcStatus(
+        pid=pid,
+        comm=comm,
+        ppid=ppid,
+        uid=uid,
+        kthread=kthread,
+        rss_bytes=kib("VmRSS"),
+        rss_shmem_bytes=kib("RssShmem"),
+        swap_bytes=kib("VmSwap"),
+        pte_bytes=kib("VmPTE"),
+    )
+
+
+def read_status(paths: HostPaths, pid: int) -> ProcStatus:
+    try:
+        with open(paths.proc(pid, "status")) as file:
+            text = file.read()
+    except OSError as exc:
+        raise classify(pid, "status", exc) from exc
+    return parse_status(pid, text)
+
+
+def namespace_id(paths: HostPaths, pid: int, kind: str) -> int:
+    """The inode number of `/proc/PID/ns/<kind>` (e.g. "mnt", "ipc")."""
+    try:
+        link = os.readlink(paths.proc(pid, "ns", kind))
+    except OSError as exc:
+        raise classify(pid, f"ns/{kind}", exc) from exc
+    # "mnt:[4026531832]"
+    return int(link[link.index("[") + 1 : -1])
+
+
+def read_text(paths: HostPaths, pid: int, name: str) -> str:
+    try:
+        with open(paths.proc(pid, name)) as file:
+            return file.read()
+    except OSError as exc:
+        raise classify(pid, name, exc) from exc

@@ -1,0 +1,45 @@
+"""Suite-wide fixtures: the privileged marker and its skip-or-fail rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+REQUIRE_PRIVILEGED = os.environ.get("NODEMEM_REQUIRE_PRIVILEGED") == "1"
+
+
+def _missing_privilege() -> str | None:
+    """Why this process cannot run privileged tests, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root (mounts, setns, memory cgroups)"
+    try:
+        with open("/proc/self/status") as status:
+            caps = next(line for line in status if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return "cannot read /proc/self/status"
+    cap_sys_admin = 21
+    if not int(caps.split()[1], 16) & (1 << cap_sys_admin):
+        return "needs CAP_SYS_ADMIN (mount, setns)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _missing_privilege()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("privileged") is None:
+            continue
+        if not REQUIRE_PRIVILEGED:  # in CI the gate fixture below fails the test instead
+            item.add_marker(pytest.mark.skip(reason=f"privileged test: {reason}"))
+
+
+@pytest.fixture(autouse=True)
+def _privileged_gate(request: pytest.FixtureRequest) -> None:
+    """In CI a privileged test that cannot run is a failure, never a silent skip."""
+    if request.node.get_closest_marker("privileged") is None:
+        return
+    reason = _missing_privilege()
+    if reason is not None and REQUIRE_PRIVILEGED:
+        pytest.fail(f"NODEMEM_REQUIRE_PRIVILEGED=1 but {reason}", pytrace=False)
