@@ -118,12 +118,12 @@ def read_status(paths: HostPaths, pid: int) -> ProcStatus:
     return parse_status(pid, text)
 
 
-def namespace_id(paths: HostPaths, pid: int, kind: str) -> int:
+def namespace_id(paths: HostPaths, pid: int | str, kind: str) -> int:
     """The inode number of `/proc/PID/ns/<kind>` (e.g. "mnt", "ipc")."""
     try:
         link = os.readlink(paths.proc(pid, "ns", kind))
     except OSError as exc:
-        raise classify(pid, f"ns/{kind}", exc) from exc
+        raise classify(pid if isinstance(pid, int) else os.getpid(), f"ns/{kind}", exc) from exc
     # "mnt:[4026531832]"
     return int(link[link.index("[") + 1 : -1])
 

@@ -1,0 +1,94 @@
+"""What a node reports about its memory: the `nodemem report --json` document, which is
+also the memory part of the NodeMemoryReport status."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+ShmemKind = Literal["tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"]
+
+
+class ReportModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class MemorySummary(ReportModel):
+    """Where the node's memory is, from /proc/meminfo and the process table. Bytes."""
+
+    total_bytes: int = Field(description="MemTotal.")
+    available_bytes: int = Field(description="MemAvailable (Shmem is not in it: not reclaimable).")
+    shmem_bytes: int = Field(description="Shmem: tmpfs, SysV, memfd, shared anonymous memory.")
+    slab_bytes: int = Field(description="Kernel slab caches (reclaimable + unreclaimable).")
+    slab_reclaimable_bytes: int = Field(description="SReclaimable.")
+    slab_unreclaimable_bytes: int = Field(description="SUnreclaim.")
+    kernel_stack_bytes: int = Field(description="KernelStack.")
+    page_tables_bytes: int = Field(description="PageTables.")
+    vmalloc_used_bytes: int = Field(description="VmallocUsed.")
+    process_rss_bytes: int = Field(
+        description="Sum of VmRSS over all processes (shared pages counted once per process)."
+    )
+
+
+class ProcessRef(ReportModel):
+    pid: int
+    comm: str
+
+
+class ShmemItem(ReportModel):
+    kind: ShmemKind
+    name: str = Field(description="Mount point, `shmid N`, `memfd:NAME` or `/dev/zero`.")
+    bytes: int
+    pids: list[ProcessRef] = Field(
+        default_factory=list, description="Processes holding it (fd, mapping or attach)."
+    )
+    pod: str | None = Field(default=None, description="UID of the pod it belongs to, if known.")
+    note: str = ""
+
+
+class ShmemByKind(ReportModel):
+    tmpfs: int = 0
+    sysv: int = 0
+    memfd: int = 0
+    shared_anon: int = 0
+    detached_tmpfs: int = 0
+
+
+class DeletedOpenFile(ReportModel):
+    path: str
+    bytes: int
+    pid: int
+    comm: str
+
+
+class ShmemSummary(ReportModel):
+    total_bytes: int = Field(description="Shmem from /proc/meminfo.")
+    attributed_bytes: int = Field(description="Sum of byKind: Shmem found in named objects.")
+    unaccounted_bytes: int = Field(description="totalBytes - attributedBytes.")
+    by_kind: ShmemByKind
+    top: list[ShmemItem] = Field(description="The largest objects, by bytes descending.")
+    deleted_open_files: list[DeletedOpenFile] = Field(
+        default_factory=list,
+        description="Unlinked tmpfs files still held open or mapped (already inside their "
+        "tmpfs's bytes).",
+    )
+
+
+class UnreadableEntry(ReportModel):
+    pid: int
+    comm: str
+    what: str = Field(description="What could not be read, e.g. `fd`, `maps`, `ns/ipc`.")
+    reason: str
+
+
+class HostReport(ReportModel):
+    memory: MemorySummary
+    shmem: ShmemSummary
+    unreadable_processes: int = Field(
+        description="Processes whose fds, maps or namespaces could not be read."
+    )
+    unreadable: list[UnreadableEntry] = Field(
+        default_factory=list, description="The first few refusals, for diagnosis."
+    )

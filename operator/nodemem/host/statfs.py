@@ -1,0 +1,62 @@
+"""statfs(2) with the filesystem type, which os.statvfs does not give."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs on 64-bit Linux (x86_64 and aarch64 share this layout).
+    _fields_ = (
+        ("f_type", ctypes.c_long),
+        ("f_bsize", ctypes.c_long),
+        ("f_blocks", ctypes.c_ulong),
+        ("f_bfree", ctypes.c_ulong),
+        ("f_bavail", ctypes.c_ulong),
+        ("f_files", ctypes.c_ulong),
+        ("f_ffree", ctypes.c_ulong),
+        ("f_fsid", ctypes.c_int * 2),
+        ("f_namelen", ctypes.c_long),
+        ("f_frsize", ctypes.c_long),
+        ("f_flags", ctypes.c_long),
+        ("f_spare", ctypes.c_long * 4),
+    )
+
+
+@dataclass(frozen=True)
+class FsStat:
+    fs_type: int
+    block_size: int
+    blocks: int
+    blocks_free: int
+    files: int
+    files_free: int
+
+    @property
+    def size_bytes(self) -> int:
+        return self.blocks * self.block_size
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.blocks - self.blocks_free) * self.block_size
+
+
+def statfs(path: str | os.PathLike[str]) -> FsStat:
+    """statfs(2) of `path` (follows /proc magic links, so works on /proc/PID/fd/N)."""
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    frsize = buf.f_frsize or buf.f_bsize
+    return FsStat(
+        fs_type=buf.f_type & 0xFFFFFFFF,
+        block_size=frsize,
+        blocks=buf.f_blocks,
+        blocks_free=buf.f_bfree,
+        files=buf.f_files,
+        files_free=buf.f_ffree,
+    )

@@ -1,0 +1,108 @@
+"""Plain-text tables for the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nodemem.api.quantity import format_bytes
+from nodemem.api.report import HostReport
+
+MAX_CELL = 60
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
+    cells = [
+        [str(c) if len(str(c)) <= MAX_CELL else str(c)[: MAX_CELL - 1] + "…" for c in row]
+        for row in rows
+    ]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += [
+        indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def host_report_text(report: HostReport) -> str:
+    mem = report.memory
+    shmem = report.shmem
+    out = [
+        f"Memory: {format_bytes(mem.total_bytes)} total, "
+        f"{format_bytes(mem.available_bytes)} available",
+        table(
+            ("WHERE", "BYTES", "WHAT"),
+            [
+                (
+                    "processes (RSS sum)",
+                    format_bytes(mem.process_rss_bytes),
+                    "what top shows; shared pages counted once per process",
+                ),
+                (
+                    "Shmem",
+                    format_bytes(mem.shmem_bytes),
+                    "tmpfs, SysV, memfd, shared anonymous: no process owns it",
+                ),
+                (
+                    "Slab",
+                    format_bytes(mem.slab_bytes),
+                    f"kernel caches: {format_bytes(mem.slab_reclaimable_bytes)} reclaimable, "
+                    f"{format_bytes(mem.slab_unreclaimable_bytes)} not",
+                ),
+                ("KernelStack", format_bytes(mem.kernel_stack_bytes), "kernel"),
+                ("PageTables", format_bytes(mem.page_tables_bytes), "kernel"),
+                ("VmallocUsed", format_bytes(mem.vmalloc_used_bytes), "kernel"),
+            ],
+        ),
+        "",
+        f"Shmem: {format_bytes(shmem.total_bytes)} = "
+        f"{format_bytes(shmem.attributed_bytes)} attributed + "
+        f"{format_bytes(shmem.unaccounted_bytes)} unaccounted",
+        "  by kind: "
+        + ", ".join(
+            f"{name} {format_bytes(value)}"
+            for name, value in shmem.by_kind.model_dump(by_alias=True).items()
+        ),
+    ]
+    if shmem.top:
+        out += [
+            "",
+            table(
+                ("KIND", "BYTES", "NAME", "POD", "PROCESSES", "NOTE"),
+                [
+                    (
+                        item.kind,
+                        format_bytes(item.bytes),
+                        item.name,
+                        item.pod or "",
+                        ", ".join(f"{p.pid} {p.comm}" for p in item.pids),
+                        item.note,
+                    )
+                    for item in shmem.top
+                ],
+            ),
+        ]
+    if shmem.deleted_open_files:
+        out += [
+            "",
+            "Deleted but still open (their bytes are inside their tmpfs above):",
+            table(
+                ("BYTES", "PID", "COMM", "PATH"),
+                [
+                    (format_bytes(f.bytes), str(f.pid), f.comm, f.path)
+                    for f in shmem.deleted_open_files
+                ],
+            ),
+        ]
+    if report.unreadable_processes:
+        out += [
+            "",
+            f"Unreadable processes: {report.unreadable_processes} "
+            "(their fds or mappings are not attributed; their Shmem shows as unaccounted)",
+            table(
+                ("PID", "COMM", "WHAT", "REASON"),
+                [(str(u.pid), u.comm, u.what, u.reason) for u in report.unreadable],
+            ),
+        ]
+    return "\n".join(out)
