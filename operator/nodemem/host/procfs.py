@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass
 
 from nodemem.host.paths import HostPaths
@@ -68,16 +69,17 @@ def list_pids(paths: HostPaths) -> list[int]:
     return sorted(int(name) for name in os.listdir(paths.proc_root) if name.isdigit())
 
 
+_STATUS_FIELD = re.compile(
+    r"^(Name|PPid|Uid|Kthread|VmSize|VmRSS|RssShmem|VmSwap|VmPTE):[ \t]*(.*)$", re.MULTILINE
+)
+
+
 def parse_status(pid: int, text: str) -> ProcStatus:
     """Parse the text of /proc/PID/status.
 
     Raises ValueError on content that is not a status file (missing Name/PPid/Uid).
     """
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key] = value.strip()
+    fields = dict(_STATUS_FIELD.findall(text))
     try:
         comm = fields["Name"]
         ppid = int(fields["PPid"])
@@ -92,7 +94,10 @@ def parse_status(pid: int, text: str) -> ProcStatus:
         number, _, unit = raw.partition(" ")
         if unit.strip() not in ("kB", ""):
             raise ValueError(f"pid {pid}: {key} has unit {unit!r}, expected kB")
-        return int(number) * 1024
+        try:
+            return int(number) * 1024
+        except ValueError:
+            raise ValueError(f"pid {pid}: {key} is not a number: {raw!r}") from None
 
     # Kernel threads have no mm: no VmSize line (and `Kthread: 1` on 6.x kernels).
     kthread = fields.get("Kthread") == "1" or "VmSize" not in fields
@@ -111,7 +116,7 @@ def parse_status(pid: int, text: str) -> ProcStatus:
 
 def read_status(paths: HostPaths, pid: int) -> ProcStatus:
     try:
-        with open(paths.proc(pid, "status")) as file:
+        with open(f"{paths.proc_root}/{pid}/status") as file:
             text = file.read()
     except OSError as exc:
         raise classify(pid, "status", exc) from exc
@@ -121,7 +126,7 @@ def read_status(paths: HostPaths, pid: int) -> ProcStatus:
 def namespace_id(paths: HostPaths, pid: int | str, kind: str) -> int:
     """The inode number of `/proc/PID/ns/<kind>` (e.g. "mnt", "ipc")."""
     try:
-        link = os.readlink(paths.proc(pid, "ns", kind))
+        link = os.readlink(f"{paths.proc_root}/{pid}/ns/{kind}")
     except OSError as exc:
         raise classify(pid if isinstance(pid, int) else os.getpid(), f"ns/{kind}", exc) from exc
     # "mnt:[4026531832]"
@@ -130,7 +135,7 @@ def namespace_id(paths: HostPaths, pid: int | str, kind: str) -> int:
 
 def read_text(paths: HostPaths, pid: int, name: str) -> str:
     try:
-        with open(paths.proc(pid, name)) as file:
+        with open(f"{paths.proc_root}/{pid}/{name}") as file:
             return file.read()
     except OSError as exc:
         raise classify(pid, name, exc) from exc

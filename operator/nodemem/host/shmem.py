@@ -34,7 +34,7 @@ from nodemem.host.procfs import (
     read_status,
     read_text,
 )
-from nodemem.host.procmaps import parse_maps
+from nodemem.host.procmaps import file_mappings, maps_dev
 from nodemem.host.statfs import statfs
 from nodemem.host.sysvipc import SysvSegment, read_segments, read_segments_in_namespace_of
 
@@ -160,6 +160,7 @@ class _Scanner:
         self.sysv_attachers: dict[tuple[int, int], dict[int, str]] = defaultdict(dict)
         self.sysv_hugetlb: set[tuple[int, int]] = set()
         self.own_mnt = self.own_namespace("mnt")
+        self.boring_map_devs: set[str] = {"00:00"}
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -224,6 +225,9 @@ class _Scanner:
                         sb = self.superblocks.setdefault(mount.dev, _Superblock(mount.dev, []))
                         sb.mounts.append((pid, mount))
                 break
+        # Mappings of files on these devices are ordinary (libraries, binaries, data).
+        plain = self.all_devs - self.superblocks.keys() - {self.shm_dev}
+        self.boring_map_devs = {maps_dev(dev) for dev in plain} | {"00:00"}
 
     def path_in_namespace(self, pid: int, mount_point: str) -> str:
         own = self.own_mnt is not None and pid in self.mnt_ns.get(self.own_mnt, ())
@@ -250,7 +254,7 @@ class _Scanner:
     # -- (b, d) open files ------------------------------------------------------------
 
     def scan_fds(self, pid: int) -> None:
-        fd_dir = self.paths.proc(pid, "fd")
+        fd_dir = f"{self.paths.proc_root}/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
         except OSError as exc:
@@ -370,7 +374,7 @@ class _Scanner:
 
     def scan_maps(self, pid: int) -> None:
         try:
-            mappings = parse_maps(read_text(self.paths, pid, "maps"))
+            mappings = file_mappings(read_text(self.paths, pid, "maps"), self.boring_map_devs)
         except ProcessGone:
             return
         except ProcessUnreadable as exc:
@@ -383,12 +387,12 @@ class _Scanner:
                 self.note_sysv_attach(pid, holder, mapping.dev, mapping.inode)
                 continue
             key = (mapping.dev, mapping.inode)
-            if mapping.inode == 0 or key in seen:
+            if key in seen:
                 continue
             seen.add(key)
             if not self.needs_stat(holder, mapping.dev, key, mapping.path):
                 continue
-            via = str(self.paths.proc(pid, "map_files", mapping.range_name))
+            via = f"{self.paths.proc_root}/{pid}/map_files/{mapping.range_name}"
             try:
                 st = os.stat(via)
             except OSError as exc:
