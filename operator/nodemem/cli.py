@@ -7,10 +7,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nodemem.api.manifest import PolicyError, load_policies
+from nodemem.host.meminfo import read_meminfo
 from nodemem.host.paths import HostPaths
 from nodemem.host.shmem import scan_node
-from nodemem.policy.report import host_report
-from nodemem.tables import host_report_text
+from nodemem.policy.apply import apply_policy
+from nodemem.policy.effective import effective_policy
+from nodemem.policy.report import apply_report, host_report
+from nodemem.tables import apply_report_text, host_report_text
+
+EXIT_OK = 0
+EXIT_NOT_APPLIED = 1
+EXIT_INVALID = 2
 
 
 def _host_paths(args: argparse.Namespace) -> HostPaths:
@@ -31,6 +39,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in filter(None, text.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected key=value, found {pair!r}")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    paths = _host_paths(args)
+    try:
+        text = Path(args.file).read_text() if args.file != "-" else sys.stdin.read()
+        policies = load_policies(text)
+    except OSError as exc:
+        print(f"nodemem: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    except PolicyError as exc:
+        print(f"nodemem: invalid policy in {args.file}:", file=sys.stderr)
+        for message in exc.messages:
+            print(f"  {message}", file=sys.stderr)
+        return EXIT_INVALID
+    memory_total = read_meminfo(paths)["MemTotal"]
+    effective = effective_policy(policies, args.node_labels, memory_total)
+    cleanups = effective.cleanup if args.run_cleanup else ()
+    held_open = scan_node(paths).open_tmpfs_files if cleanups else {}
+    result = apply_policy(
+        paths, effective, dry_run=args.dry_run, cleanups=cleanups, held_open=held_open
+    )
+    report = apply_report(effective, result, dry_run=args.dry_run)
+    if args.json:
+        print(report.model_dump_json(by_alias=True, indent=2))
+    else:
+        print(apply_report_text(report, cleanup_skipped=bool(effective.cleanup) and not cleanups))
+    return EXIT_NOT_APPLIED if result.failed else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nodemem", description="Node memory and OOM policy: where the memory went."
@@ -42,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--top", type=int, default=10, metavar="N", help="largest N objects")
     _add_host_options(report)
     report.set_defaults(func=cmd_report)
+
+    apply = commands.add_parser(
+        "apply",
+        help="apply a NodeMemoryPolicy manifest to this host once",
+        description="Exit status: 0 every item applied or unchanged, 1 an item was refused "
+        "or failed, 2 the policy is invalid (nothing was changed).",
+    )
+    apply.add_argument("-f", "--file", required=True, help="policy manifest (YAML; - for stdin)")
+    apply.add_argument("--dry-run", action="store_true", help="plan and report, change nothing")
+    apply.add_argument(
+        "--node-labels",
+        type=_node_labels,
+        default={},
+        metavar="K=V,...",
+        help="this node's labels, for the policies' nodeSelector",
+    )
+    apply.add_argument(
+        "--run-cleanup", action="store_true", help="run every cleanup rule now, due or not"
+    )
+    apply.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_host_options(apply)
+    apply.set_defaults(func=cmd_apply)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from nodemem.api.quantity import format_bytes
-from nodemem.api.report import HostReport
+from nodemem.api.report import ApplyReport, HostReport
 
 MAX_CELL = 60
 
@@ -104,5 +104,70 @@ def host_report_text(report: HostReport) -> str:
                 ("PID", "COMM", "WHAT", "REASON"),
                 [(str(u.pid), u.comm, u.what, u.reason) for u in report.unreadable],
             ),
+        ]
+    return "\n".join(out)
+
+
+def _size(value: int | None) -> str:
+    return "" if value is None else format_bytes(value)
+
+
+def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> str:
+    policies = ", ".join(f"{p.name} (generation {p.generation})" for p in report.policies)
+    out = [
+        ("DRY RUN: nothing was changed. " if report.dry_run else "")
+        + f"Policies selecting this node: {policies or 'none'}"
+    ]
+    if report.tmpfs:
+        out += [
+            "",
+            "tmpfs limits:",
+            table(
+                ("PATH", "STATE", "SIZE", "USED", "WANTED", "POLICY", "MESSAGE"),
+                [
+                    (
+                        t.path,
+                        t.state,
+                        _size(t.size_bytes),
+                        _size(t.used_bytes),
+                        _size(t.desired_bytes),
+                        t.policy,
+                        t.message,
+                    )
+                    for t in report.tmpfs
+                ],
+            ),
+        ]
+    if report.cleanup:
+        out += [
+            "",
+            "cleanup:",
+            table(
+                ("RULE", "POLICY", "REMOVED", "FREED", "HELD OPEN", "ERRORS"),
+                [
+                    (
+                        c.name,
+                        c.policy,
+                        f"{c.files_removed} files" + (" (would)" if c.dry_run else ""),
+                        format_bytes(c.bytes_removed),
+                        f"{c.held_open_files} files, {format_bytes(c.held_open_bytes)}",
+                        str(len(c.errors)),
+                    )
+                    for c in report.cleanup
+                ],
+            ),
+        ]
+        for c in report.cleanup:
+            out += [f"  {c.name}: would remove {path}" for path in c.would_remove]
+            out += [
+                f"  {c.name}: kept {f.path} ({format_bytes(f.bytes)}), held open by "
+                + ", ".join(f"{p.pid} {p.comm}" for p in f.pids)
+                for f in c.held_open
+            ]
+            out += [f"  {c.name}: error: {error}" for error in c.errors]
+    elif cleanup_skipped:
+        out += [
+            "",
+            "cleanup rules were not run (they run on schedule; --run-cleanup runs them now)",
         ]
     return "\n".join(out)

@@ -92,3 +92,63 @@ class HostReport(ReportModel):
     unreadable: list[UnreadableEntry] = Field(
         default_factory=list, description="The first few refusals, for diagnosis."
     )
+
+
+TmpfsState = Literal["Applied", "Unchanged", "Planned", "Refused", "NotTmpfs", "NotFound", "Failed"]
+
+
+class PolicyRef(ReportModel):
+    name: str
+    generation: int
+
+
+class TmpfsStatus(ReportModel):
+    """One tmpfs mount a policy item named, and what became of its limit."""
+
+    path: str = Field(description="Mount point, as its mount namespace sees it.")
+    pattern: str = Field(description="The policy item's path (exact or glob) that matched.")
+    policy: str
+    state: TmpfsState
+    message: str = ""
+    size_bytes: int | None = Field(default=None, description="Size limit now in force.")
+    used_bytes: int | None = None
+    desired_bytes: int | None = Field(
+        default=None, description="The limit the policy asks for (raised by headroom)."
+    )
+
+
+class HeldOpenFile(ReportModel):
+    path: str
+    bytes: int
+    pids: list[ProcessRef]
+
+
+class CleanupStatus(ReportModel):
+    """What one cleanup rule did in its last run (or would do, when dry-run)."""
+
+    name: str
+    policy: str
+    dry_run: bool = False
+    last_run: str | None = Field(default=None, description="RFC 3339 time of the last run.")
+    next_run: str | None = Field(default=None, description="RFC 3339 time of the next run.")
+    files_removed: int = 0
+    bytes_removed: int = 0
+    dirs_removed: int = 0
+    held_open_files: int = 0
+    held_open_bytes: int = 0
+    held_open: list[HeldOpenFile] = Field(
+        default_factory=list, description="The first files kept because a process holds them."
+    )
+    would_remove: list[str] = Field(
+        default_factory=list, description="Dry run: the first paths it would remove."
+    )
+    errors: list[str] = Field(default_factory=list)
+
+
+class ApplyReport(ReportModel):
+    """`nodemem apply --json`: the policies in force and every item's state."""
+
+    policies: list[PolicyRef]
+    dry_run: bool
+    tmpfs: list[TmpfsStatus]
+    cleanup: list[CleanupStatus]

@@ -1,0 +1,115 @@
+"""Applying one node's effective policy through host/: tmpfs limits and cleanups.
+
+Every item gets a state; nothing one item does (or fails to do) stops the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from nodemem.host.cleanup import CleanupResult, CleanupSpec, run_cleanup
+from nodemem.host.paths import HostPaths
+from nodemem.host.procfs import Holder
+from nodemem.host.tmpfs_limits import LimitResult, LimitState, apply_limit, find_targets
+from nodemem.policy.effective import EffectiveCleanup, EffectivePolicy, EffectiveTmpfs
+
+# States that mean "the policy could not be enforced here": exit status 1, condition Degraded.
+FAILED_TMPFS_STATES = frozenset({LimitState.REFUSED, LimitState.FAILED})
+
+
+@dataclass(frozen=True)
+class TmpfsOutcome:
+    policy: str
+    pattern: str
+    result: LimitResult
+
+
+@dataclass(frozen=True)
+class CleanupOutcome:
+    policy: str
+    result: CleanupResult
+
+
+@dataclass
+class ApplyResult:
+    tmpfs: list[TmpfsOutcome] = field(default_factory=list)
+    cleanup: list[CleanupOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(o.result.state in FAILED_TMPFS_STATES for o in self.tmpfs) or any(
+            o.result.errors for o in self.cleanup
+        )
+
+
+def apply_tmpfs(paths: HostPaths, item: EffectiveTmpfs, *, dry_run: bool) -> list[TmpfsOutcome]:
+    targets = find_targets(paths, item.path)
+    if not targets:
+        missing = LimitResult(
+            path=item.path, state=LimitState.NOT_FOUND, message="no mount point matches"
+        )
+        return [TmpfsOutcome(item.policy, item.path, missing)]
+    return [
+        TmpfsOutcome(
+            item.policy,
+            item.path,
+            apply_limit(
+                target,
+                item.size_bytes,
+                nr_inodes=item.item.nr_inodes,
+                headroom_bytes=item.headroom_bytes,
+                dry_run=dry_run or item.dry_run,
+            ),
+        )
+        for target in targets
+    ]
+
+
+def cleanup_spec(item: EffectiveCleanup) -> CleanupSpec:
+    rule = item.item
+    return CleanupSpec(
+        name=rule.name,
+        paths=tuple(rule.paths),
+        older_than=rule.older_than.delta if rule.older_than else None,
+        age=tuple(rule.age),
+        when_usage_above=float(rule.when_usage_above.value) / 100
+        if rule.when_usage_above
+        else None,
+        target_usage=float(rule.target_usage.value) / 100 if rule.target_usage else None,
+        exclude=tuple(rule.exclude),
+        remove_empty_dirs=rule.remove_empty_dirs,
+    )
+
+
+def apply_cleanups(
+    paths: HostPaths,
+    items: Sequence[EffectiveCleanup],
+    held_open: Mapping[tuple[int, int], Sequence[Holder]],
+    *,
+    dry_run: bool,
+) -> list[CleanupOutcome]:
+    return [
+        CleanupOutcome(
+            item.policy,
+            run_cleanup(paths, cleanup_spec(item), held_open, dry_run=dry_run or item.dry_run),
+        )
+        for item in items
+    ]
+
+
+def apply_policy(
+    paths: HostPaths,
+    effective: EffectivePolicy,
+    *,
+    dry_run: bool,
+    cleanups: Sequence[EffectiveCleanup] = (),
+    held_open: Mapping[tuple[int, int], Sequence[Holder]] | None = None,
+) -> ApplyResult:
+    """Apply tmpfs limits, then run `cleanups` (the rules that are due, or all when asked)."""
+    result = ApplyResult()
+    for item in effective.tmpfs:
+        result.tmpfs.extend(apply_tmpfs(paths, item, dry_run=dry_run))
+    if cleanups:
+        result.cleanup = apply_cleanups(paths, cleanups, held_open or {}, dry_run=dry_run)
+    return result
