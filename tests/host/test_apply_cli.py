@@ -1,0 +1,212 @@
+"""`nodemem apply` on a real tmpfs: states, exit codes, dry-run, and invalid policies.
+
+Exit status: 0 every item applied or unchanged, 1 an item refused or failed, 2 the
+policy is invalid — in which case nothing at all was changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nodemem.cli import main
+
+pytestmark = pytest.mark.privileged
+
+MiB = 1 << 20
+
+
+def manifest(point: Path, size: str = "32Mi") -> dict[str, Any]:
+    return {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryPolicy",
+        "metadata": {"name": "test-policy"},
+        "spec": {
+            "tmpfs": [{"path": str(point), "size": size}],
+            "cleanup": [
+                {
+                    "name": "old",
+                    "paths": [f"{point}/*.log"],
+                    "schedule": "*/5 * * * *",
+                    "olderThan": "1h",
+                }
+            ],
+            "oom": [{"name": "batch", "match": {"comm": "^nodemem-none$"}, "oomScoreAdj": 500}],
+        },
+    }
+
+
+def run_apply(tmp_path: Path, document: object, *args: str) -> int:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(document))
+    return main(["apply", "-f", str(policy), *args])
+
+
+def mount_state(point: Path) -> tuple[int, str]:
+    options = next(
+        line.split(" - ")[1]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4] == str(point)
+    )
+    return os.statvfs(point).f_blocks, options
+
+
+def test_applies_then_reports_unchanged(mount_tmpfs, tmp_path, capsys) -> None:
+    point = mount_tmpfs(options="size=64m")
+    assert run_apply(tmp_path, manifest(point), "--json") == 0
+    first = json.loads(capsys.readouterr().out)
+    assert [(t["path"], t["state"]) for t in first["tmpfs"]] == [(str(point), "Applied")]
+    assert os.statvfs(point).f_blocks * os.statvfs(point).f_frsize == 32 * MiB
+    assert "size=32768k" in mount_state(point)[1]
+    assert run_apply(tmp_path, manifest(point), "--json") == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["tmpfs"][0]["state"] == "Unchanged"
+
+
+def test_shrink_below_use_is_refused_with_exit_1(mount_tmpfs, tmp_path, capsys) -> None:
+    point = mount_tmpfs(options="size=64m")
+    (point / "data").write_bytes(b"x" * (16 * MiB))
+    before = mount_state(point)
+    assert run_apply(tmp_path, manifest(point, size="8Mi")) == 1
+    out = capsys.readouterr().out
+    assert "Refused" in out
+    assert "below current use" in out
+    assert mount_state(point) == before
+
+
+def test_dry_run_plans_and_changes_nothing(mount_tmpfs, tmp_path, capsys) -> None:
+    point = mount_tmpfs(options="size=64m")
+    old = point / "old.log"
+    old.write_bytes(b"x" * MiB)
+    os.utime(old, (0, 0))
+    before = mount_state(point)
+    assert run_apply(tmp_path, manifest(point), "--dry-run", "--run-cleanup", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dryRun"] is True
+    assert report["tmpfs"][0]["state"] == "Planned"
+    assert report["cleanup"][0]["wouldRemove"] == [str(old)]
+    assert mount_state(point) == before
+    assert old.exists()
+
+
+def test_run_cleanup_removes_old_files_and_keeps_held_ones(mount_tmpfs, tmp_path, capsys) -> None:
+    point = mount_tmpfs(options="size=64m")
+    old, held, new = point / "old.log", point / "held.log", point / "new.log"
+    for path in (old, held, new):
+        path.write_bytes(b"x" * MiB)
+    os.utime(old, (0, 0))
+    os.utime(held, (0, 0))
+    with open(held, "rb"):  # this test process holds it open: removing it frees nothing
+        assert run_apply(tmp_path, manifest(point), "--run-cleanup", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    cleanup = report["cleanup"][0]
+    assert (cleanup["filesRemoved"], cleanup["bytesRemoved"]) == (1, MiB)
+    assert [f["path"] for f in cleanup["heldOpen"]] == [str(held)]
+    assert os.getpid() in [p["pid"] for p in cleanup["heldOpen"][0]["pids"]]
+    assert not old.exists()
+    assert held.exists() and new.exists()
+
+
+def test_node_labels_decide_whether_a_policy_applies(mount_tmpfs, tmp_path, capsys) -> None:
+    point = mount_tmpfs(options="size=64m")
+    document = manifest(point)
+    document["spec"]["nodeSelector"] = {"matchLabels": {"pool": "batch"}}
+    before = mount_state(point)
+    assert run_apply(tmp_path, document, "--json", "--node-labels", "pool=web") == 0
+    assert json.loads(capsys.readouterr().out)["tmpfs"] == []
+    assert mount_state(point) == before
+    assert run_apply(tmp_path, document, "--json", "--node-labels", "pool=batch,zone=a") == 0
+    assert json.loads(capsys.readouterr().out)["tmpfs"][0]["state"] == "Applied"
+
+
+# (field path as the error names it, how to set it in the manifest, invalid values)
+letters = st.from_regex(r"[a-z]{1,8}", fullmatch=True)
+CORRUPTIONS: list[tuple[str, tuple[Any, ...], st.SearchStrategy[Any]]] = [
+    (
+        "spec.tmpfs[0].size",
+        ("spec", "tmpfs", 0, "size"),
+        st.one_of(st.integers(max_value=0), letters, st.just("0Mi"), st.just("101%")),
+    ),
+    (
+        "spec.tmpfs[0].path",
+        ("spec", "tmpfs", 0, "path"),
+        st.one_of(letters, st.just("/run/../etc"), st.just("")),
+    ),
+    (
+        "spec.tmpfs[0].nrInodes",
+        ("spec", "tmpfs", 0, "nrInodes"),
+        st.one_of(st.integers(max_value=0), letters),
+    ),
+    (
+        "spec.cleanup[0].schedule",
+        ("spec", "cleanup", 0, "schedule"),
+        st.one_of(letters, st.just("61 * * * *"), st.just("* * * *"), st.just("* * * * * *")),
+    ),
+    (
+        "spec.cleanup[0].olderThan",
+        ("spec", "cleanup", 0, "olderThan"),
+        st.one_of(letters, st.just("5d"), st.just("-1h"), st.integers()),
+    ),
+    (
+        "spec.cleanup[0].paths[0]",
+        ("spec", "cleanup", 0, "paths", 0),
+        st.one_of(letters, st.just("/tmp/../../etc/*")),
+    ),
+    (
+        "spec.oom[0].oomScoreAdj",
+        ("spec", "oom", 0, "oomScoreAdj"),
+        st.one_of(st.integers(max_value=-1001), st.integers(min_value=1001), st.just(-1000)),
+    ),
+    (
+        "spec.oom[0].match.comm",
+        ("spec", "oom", 0, "match", "comm"),
+        st.sampled_from(["(", "[a", "*x", "a{2,1}", "(?P<", "\\"]),
+    ),
+    ("spec.priority", ("spec", "priority"), st.one_of(letters, st.floats(0.1, 0.9))),
+    ("metadata.name", ("metadata", "name"), st.from_regex(r"[A-Z_]{1,8}", fullmatch=True)),
+]
+
+
+def corrupt(document: dict[str, Any], where: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    broken = copy.deepcopy(document)
+    target = broken
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    return broken
+
+
+def test_invalid_policies_exit_2_name_the_field_and_change_nothing(
+    mount_tmpfs, tmp_path, capsys
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    before = mount_state(point)
+    valid = manifest(point)
+
+    @settings(
+        max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(st.sampled_from(CORRUPTIONS).flatmap(lambda c: st.tuples(st.just(c), c[2])))
+    def check(case: tuple[tuple[str, tuple[Any, ...], Any], Any]) -> None:
+        (field, where, _), value = case
+        assert run_apply(tmp_path, corrupt(valid, where, value)) == 2
+        err = capsys.readouterr().err
+        assert f"{field}:" in err, err
+        assert mount_state(point) == before
+
+    check()
+
+
+def test_wrong_kind_and_unreadable_file_exit_2(tmp_path, capsys) -> None:
+    assert run_apply(tmp_path, {"apiVersion": "v1", "kind": "ConfigMap"}) == 2
+    assert "kind" in capsys.readouterr().err
+    assert main(["apply", "-f", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
