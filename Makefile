@@ -31,6 +31,7 @@ test: lint unit
 
 bench: $(STAMP)
 	$(PY) bench/scan.py
+	$(PY) bench/cleanup.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -75,8 +75,10 @@ def test_each_counter_is_converted_to_pages_separately() -> None:
 
 def _fake_proc(root: Path, *, mem_kb: int, swap_kb: int = 0) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    others = ("MemAvailable", "Shmem", "Slab", "SReclaimable", "SUnreclaim", "KernelStack")
     (root / "meminfo").write_text(
         f"MemTotal:       {mem_kb} kB\nMemFree:        1000 kB\nSwapTotal:      {swap_kb} kB\n"
+        + "".join(f"{key}: 0 kB\n" for key in (*others, "PageTables", "VmallocUsed"))
     )
 
 

@@ -82,3 +82,20 @@ def parse_mountinfo(text: str) -> list[Mount]:
 
 def dev_string(dev: int) -> str:
     return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+def devtmpfs_devs(proc_root: str) -> set[int]:
+    """st_dev of the devtmpfs superblock (one per kernel), from any readable mount table.
+
+    devtmpfs is shmem too and reports TMPFS_MAGIC from statfs: only the mount table tells
+    it apart, and nothing in /dev is ever a cleanup or limit target.
+    """
+    devs: set[int] = set()
+    for reader in ("self", "1"):
+        try:
+            with open(f"{proc_root}/{reader}/mountinfo") as file:
+                mounts = parse_mountinfo(file.read())
+        except (OSError, MountinfoError):
+            continue
+        devs.update(mount.dev for mount in mounts if mount.fstype == "devtmpfs")
+    return devs

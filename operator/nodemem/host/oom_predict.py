@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nodemem.host.meminfo import read_meminfo
 from nodemem.host.mounts import Mount, parse_mountinfo
 from nodemem.host.oom_adj import OOM_SCORE_ADJ_MIN, read_oom_score_adj
 from nodemem.host.paths import HostPaths
@@ -124,7 +125,7 @@ def predict_victims(
     Raises FileNotFoundError for a cgroup that does not exist, LookupError when no
     memory cgroup hierarchy is mounted.
     """
-    meminfo = _read_meminfo(paths)
+    meminfo = read_meminfo(paths)
     node_pages = (meminfo["MemTotal"] + meminfo["SwapTotal"]) // PAGE_SIZE
     if cgroup is None:
         scope = "node"
@@ -174,20 +175,6 @@ def _kernel_before(release: str, version: tuple[int, int]) -> bool:
     if match is None:  # not a Linux release string; assume a current kernel
         return False
     return (int(match[1]), int(match[2])) < version
-
-
-def _read_meminfo(paths: HostPaths) -> dict[str, int]:
-    """MemTotal and SwapTotal in bytes."""
-    values: dict[str, int] = {}
-    with open(paths.proc("meminfo")) as file:
-        for line in file:
-            key, _, rest = line.partition(":")
-            if key in ("MemTotal", "SwapTotal"):
-                values[key] = int(rest.split()[0]) * 1024
-    if "MemTotal" not in values:
-        raise ValueError(f"{paths.proc('meminfo')}: no MemTotal")
-    values.setdefault("SwapTotal", 0)
-    return values
 
 
 def memory_cgroup_dir(paths: HostPaths, cgroup: str) -> tuple[str, Path, Mount]:

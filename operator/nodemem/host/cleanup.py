@@ -1,0 +1,752 @@
+"""Safe removal of files inside tmpfs mounts: globs, age, usage watermarks, held-open files.
+
+Safety is the feature:
+
+- Only tmpfs: a pattern whose literal base directory is not on a tmpfs (fstatfs f_type, and
+  not the devtmpfs of /dev, which reports the same magic) is skipped and reported; nothing
+  below it is touched.
+- One mount only: the walk never enters a directory on another mount (mount id from fdinfo)
+  or another superblock (st_dev): bind mounts and nested filesystems are left alone.
+- No symlink is followed below the base: a matching symlink is removed as a link, its target is
+  never touched. In the literal base a symlink is followed only when it lives on a filesystem
+  that is not tmpfs (host-owned links such as /var/run -> /run), and it is resolved inside the
+  host root (absolute targets and `..` stay inside it, as in a chroot). A symlink on a tmpfs in
+  the base is an error: whoever writes that tmpfs could aim the rule elsewhere.
+- Every step goes through directory fds (openat with O_NOFOLLOW, fstatat, unlinkat): a path
+  renamed or swapped during the run cannot redirect a removal. Before each unlink the entry is
+  stat'ed again and must still be the inode the walk selected.
+- A file that a process holds open is kept (removing it frees nothing) and reported.
+
+Pattern semantics: absolute host paths; each `/`-separated component is an fnmatch pattern
+matched against one name (`*` never crosses `/`, and matches names starting with `.`); a
+component `**` matches any number of directories (`dir/**` = every file below dir). The final
+component matches files and symlinks only: a directory it matches is neither removed nor
+entered. Only regular files and symlinks are removed; sockets, fifos and devices are ignored.
+`exclude` patterns without `/` match an entry's name, with `/` its full path as spelled by the
+rule's pattern (fnmatch: here `*` may cross `/`); an excluded directory is not entered.
+
+Empty directories (only with remove_empty_dirs): a directory the walk entered below a base
+(never a base) that is empty after the cleanup is removed, deepest first; with older_than set
+its mtime as seen by the walk must also be older than the threshold, so that a directory an
+application has just created or changed is left alone.
+
+Watermarks: when a mount's usage (statvfs) is above when_usage_above, the oldest candidates go
+first until usage is at or below target_usage; a mount without a size limit reports no usage,
+so a watermark rule leaves it alone and says so. Patterns on the same superblock share one
+watermark. Hard links are counted per name (st_blocks of the inode for each).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fnmatch
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import timedelta
+from operator import attrgetter
+
+from nodemem.host.mounts import TMPFS_MAGIC, devtmpfs_devs
+from nodemem.host.paths import HostPaths
+from nodemem.host.procfs import Holder
+
+AGE_FIELDS = ("atime", "mtime", "ctime")
+REMOVED_REPORT_LIMIT = 100  # real runs list the first paths removed, for the report
+MAX_DEPTH = 100  # below a base; deeper trees are reported, not walked (fd and stack bounds)
+
+_MAX_SYMLINKS = 40  # as the kernel's MAXSYMLINKS
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_GLOB_CHARS = frozenset("*?[")
+_RECURSIVE = "**"
+_CACHED_DIR_FDS = 64
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_libc.fstatfs.restype = ctypes.c_int
+
+
+@dataclass(frozen=True)
+class RemovedFile:
+    path: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class HeldOpenFile:
+    path: str
+    bytes: int
+    holders: tuple[Holder, ...]
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    """What one rule did; in a dry run the counts are what it would have done.
+
+    bytes are st_blocks * 512: the memory a removal frees.
+    """
+
+    name: str
+    dry_run: bool
+    files_removed: int
+    bytes_removed: int
+    dirs_removed: int
+    removed: list[RemovedFile]  # real run: the first REMOVED_REPORT_LIMIT files removed
+    would_remove: list[RemovedFile]  # dry run: every file it would remove, in order
+    held_open: list[HeldOpenFile]
+    errors: list[str]
+    skipped_not_tmpfs: list[str]  # base directories of patterns that are not on a tmpfs
+
+
+@dataclass(frozen=True)
+class _Component:
+    """One `/`-separated part of a pattern: a literal name, an fnmatch pattern or `**`."""
+
+    text: str
+    regex: re.Pattern[str] | None
+
+    @classmethod
+    def parse(cls, text: str) -> _Component:
+        if text == _RECURSIVE or not _has_glob(text):
+            return cls(text, None)
+        return cls(text, re.compile(fnmatch.translate(text)))
+
+    @property
+    def recursive(self) -> bool:
+        return self.text == _RECURSIVE
+
+    def matches(self, name: str) -> bool:
+        if self.regex is None:
+            return name == self.text
+        return self.regex.match(name) is not None
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    text: str
+    base: tuple[str, ...]  # literal directory components
+    components: tuple[_Component, ...]  # the rest; never ends in `**`
+
+    @property
+    def base_path(self) -> str:
+        return "/" + "/".join(self.base)
+
+
+def _has_glob(text: str) -> bool:
+    return not _GLOB_CHARS.isdisjoint(text)
+
+
+def _parse_pattern(text: str) -> _Pattern:
+    """Split an absolute pattern into its literal base and glob components; ValueError if unsafe."""
+    where = f"cleanup path {text!r}"
+    if not text.startswith("/"):
+        raise ValueError(f"{where}: must be an absolute host path")
+    if "\0" in text:
+        raise ValueError(f"{where}: contains NUL")
+    if text.endswith("/"):
+        raise ValueError(f"{where}: names files; use {text}* or {text}** for a directory's files")
+    parts: list[str] = []
+    for part in text.split("/"):
+        if part in (".", ".."):
+            raise ValueError(f"{where}: '.' and '..' are not allowed")
+        if part and not (part == _RECURSIVE and parts and parts[-1] == _RECURSIVE):
+            parts.append(part)
+    if parts[-1] == _RECURSIVE:
+        parts.append("*")  # `dir/**` means every file below dir
+    literal = 0
+    while literal < len(parts) - 1 and not _has_glob(parts[literal]):
+        literal += 1
+    return _Pattern(
+        text=text,
+        base=tuple(parts[:literal]),
+        components=tuple(_Component.parse(part) for part in parts[literal:]),
+    )
+
+
+def _compile_excludes(patterns: Sequence[str], *, with_slash: bool) -> re.Pattern[str] | None:
+    chosen = [fnmatch.translate(p) for p in patterns if ("/" in p) == with_slash]
+    return re.compile("|".join(chosen)) if chosen else None
+
+
+@dataclass(frozen=True)
+class CleanupSpec:
+    """One cleanup rule, in host terms (the api layer converts its model to this).
+
+    `paths` are absolute host globs (see the module doc); `..`, `.` and relative patterns raise
+    ValueError. A file is old when every `age` timestamp is older than now - older_than. A rule
+    without older_than and watermarks removes every matching file.
+    """
+
+    name: str
+    paths: tuple[str, ...]
+    older_than: timedelta | None = None
+    age: tuple[str, ...] = ("mtime",)
+    when_usage_above: float | None = None
+    target_usage: float | None = None  # default: when_usage_above
+    exclude: tuple[str, ...] = ()
+    remove_empty_dirs: bool = False
+    _patterns: tuple[_Pattern, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("paths", "age", "exclude"):  # accept lists, keep the spec immutable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.name:
+            raise ValueError("cleanup rule needs a name")
+        if not self.paths:
+            raise ValueError(f"cleanup rule {self.name!r}: no paths")
+        object.__setattr__(self, "_patterns", tuple(_parse_pattern(p) for p in self.paths))
+        if self.older_than is not None and self.older_than < timedelta(0):
+            raise ValueError(f"cleanup rule {self.name!r}: older_than is negative")
+        if not self.age or not set(self.age) <= set(AGE_FIELDS):
+            raise ValueError(f"cleanup rule {self.name!r}: age must be a subset of {AGE_FIELDS}")
+        for fraction in (self.when_usage_above, self.target_usage):
+            if fraction is not None and not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"cleanup rule {self.name!r}: usage {fraction} is not in 0..1")
+        if self.target_usage is not None:
+            if self.when_usage_above is None:
+                raise ValueError(f"cleanup rule {self.name!r}: target_usage needs when_usage_above")
+            if self.target_usage > self.when_usage_above:
+                raise ValueError(
+                    f"cleanup rule {self.name!r}: target_usage is above when_usage_above"
+                )
+        if any(not pattern for pattern in self.exclude):
+            raise ValueError(f"cleanup rule {self.name!r}: empty exclude pattern")
+
+
+def run_cleanup(
+    paths: HostPaths,
+    spec: CleanupSpec,
+    held_open: Mapping[tuple[int, int], Sequence[Holder]],
+    *,
+    dry_run: bool,
+    now: float | None = None,
+) -> CleanupResult:
+    """Apply one rule once. Per-file problems become `errors`; this never raises for them.
+
+    held_open maps (st_dev, st_ino) of files that processes hold open to their holders.
+    A dry run selects exactly as a real run would (watermarks with the simulated freed bytes)
+    and removes nothing.
+    """
+    return _Run(paths, spec, held_open, dry_run=dry_run, now=time.time() if now is None else now)()
+
+
+def _is_tmpfs(fd: int) -> bool:
+    """fstatfs(fd).f_type is tmpfs. (devtmpfs reports the same magic when CONFIG_TMPFS=y.)
+
+    The unit tests replace this function to run the walker on a plain directory.
+    """
+    # f_type is the first field of struct statfs (a long on 64-bit ABIs but s390x);
+    # 256 bytes cover the whole struct on every Linux ABI.
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == TMPFS_MAGIC
+
+
+def _mount_id(fd: int) -> int:
+    """The mount an fd is on (st_dev cannot tell a bind mount of the same superblock)."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as fdinfo:
+        for line in fdinfo:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOTSUP, "no mnt_id in fdinfo")
+
+
+class _Unsafe(Exception):  # noqa: N818 - a refusal, not a fault
+    """A step the safety rules forbid: an entry replaced since the walk, a symlink on a tmpfs."""
+
+
+@dataclass(eq=False)
+class _Dir:
+    """A directory the walk entered; removals reopen it from its base and check its identity."""
+
+    parent: _Dir | None  # None for a base
+    name: str
+    path: str  # as spelled by the pattern that reached it first
+    dev: int
+    ino: int
+    mtime_ns: int
+    depth: int
+    is_base: bool = False
+    entries: int = -1  # entries seen by its first complete scan; -1: not scanned
+    gone: int = 0  # of those, removed (or to be removed in a dry run)
+
+    def child_path(self, name: str) -> str:
+        return f"{self.path}{name}" if self.path.endswith("/") else f"{self.path}/{name}"
+
+
+@dataclass(slots=True, eq=False)
+class _Candidate:
+    directory: _Dir
+    name: str
+    path: str
+    dev: int
+    ino: int
+    bytes: int
+    age_ns: int  # the newest of the rule's age timestamps: watermark order, oldest first
+
+
+@dataclass(eq=False)
+class _Base:
+    directory: _Dir
+    fd: int
+    mount_id: int
+    states: set[tuple[int, int]] = field(default_factory=set)  # (pattern, component) to match
+
+
+class _DirFds:
+    """Directory fds for the removal phase: bases stay open, others are reopened and checked."""
+
+    def __init__(self, bases: Mapping[_Dir, int]) -> None:
+        self._bases = bases
+        self._cache: dict[_Dir, int] = {}
+
+    def get(self, directory: _Dir) -> int:
+        if directory in self._bases:
+            return self._bases[directory]
+        if directory in self._cache:
+            return self._cache[directory]
+        if directory.parent is None:
+            raise _Unsafe(f"{directory.path}: base not open")
+        parent_fd = self.get(directory.parent)
+        fd = os.open(directory.name, _OPEN_DIR, dir_fd=parent_fd)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (directory.dev, directory.ino):
+            os.close(fd)
+            raise _Unsafe(f"{directory.path}: directory replaced during cleanup, left alone")
+        if len(self._cache) >= _CACHED_DIR_FDS:
+            self.close()
+        self._cache[directory] = fd
+        return fd
+
+    def forget(self, directory: _Dir) -> None:
+        fd = self._cache.pop(directory, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
+
+
+class _Run:
+    """One run of one rule: open the bases, walk each superblock's bases, select, remove."""
+
+    def __init__(
+        self,
+        paths: HostPaths,
+        spec: CleanupSpec,
+        held_open: Mapping[tuple[int, int], Sequence[Holder]],
+        *,
+        dry_run: bool,
+        now: float,
+    ) -> None:
+        self.paths = paths
+        self.spec = spec
+        self.devtmpfs = devtmpfs_devs(str(paths.proc_root))
+        self.held_open = held_open
+        self.dry_run = dry_run
+        self.patterns = spec._patterns
+        self.threshold_ns: int | None = None
+        if spec.older_than is not None:
+            older_than_us = spec.older_than // timedelta(microseconds=1)
+            self.threshold_ns = round(now * 1e9) - older_than_us * 1000
+        getters = [attrgetter(f"st_{name}_ns") for name in dict.fromkeys(spec.age)]
+        self.age_of: Callable[[os.stat_result], int] = (
+            getters[0] if len(getters) == 1 else lambda st: max(g(st) for g in getters)
+        )
+        self.exclude_names = _compile_excludes(spec.exclude, with_slash=False)
+        self.exclude_paths = _compile_excludes(spec.exclude, with_slash=True)
+        self.dirs: dict[tuple[int, int], _Dir] = {}
+        self.seen: set[tuple[int, int, str]] = set()
+        self.overlapping = False
+        # per superblock, filled by the walk
+        self.candidates: list[_Candidate] = []
+        self.walked: list[_Dir] = []
+        # the result
+        self.files_removed = 0
+        self.bytes_removed = 0
+        self.dirs_removed = 0
+        self.removed: list[RemovedFile] = []
+        self.would_remove: list[RemovedFile] = []
+        self.held: list[HeldOpenFile] = []
+        self.errors: list[str] = []
+        self.skipped: list[str] = []
+
+    def __call__(self) -> CleanupResult:
+        with ExitStack() as stack:
+            try:
+                root_fd = os.open(self.paths.host_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                self._error(str(self.paths.host_root), exc)
+                return self._result()
+            stack.callback(os.close, root_fd)
+            superblocks = self._open_bases(root_fd, stack)
+            base_fds = {base.directory: base.fd for bases in superblocks.values() for base in bases}
+            dir_fds = _DirFds(base_fds)
+            stack.callback(dir_fds.close)
+            for bases in superblocks.values():
+                self._clean_superblock(bases, dir_fds)
+        return self._result()
+
+    def _result(self) -> CleanupResult:
+        return CleanupResult(
+            name=self.spec.name,
+            dry_run=self.dry_run,
+            files_removed=self.files_removed,
+            bytes_removed=self.bytes_removed,
+            dirs_removed=self.dirs_removed,
+            removed=self.removed,
+            would_remove=self.would_remove,
+            held_open=self.held,
+            errors=self.errors,
+            skipped_not_tmpfs=self.skipped,
+        )
+
+    def _error(self, path: str, exc: BaseException) -> None:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self.errors.append(f"{path}: {message}")
+
+    # --- bases -------------------------------------------------------------------------
+
+    def _open_bases(self, root_fd: int, stack: ExitStack) -> dict[int, list[_Base]]:
+        """Open every pattern's base; group the tmpfs ones by superblock (st_dev)."""
+        bases: dict[tuple[int, int], _Base] = {}
+        for index, pattern in enumerate(self.patterns):
+            try:
+                fd = _open_in_root(root_fd, pattern.base)
+            except FileNotFoundError:
+                continue  # nothing can match below a directory that does not exist
+            except (OSError, _Unsafe) as exc:
+                self._error(pattern.base_path, exc)
+                continue
+            stack.callback(os.close, fd)
+            try:
+                if not _is_tmpfs(fd) or os.fstat(fd).st_dev in self.devtmpfs:
+                    if pattern.base_path not in self.skipped:
+                        self.skipped.append(pattern.base_path)
+                    continue
+                st = os.fstat(fd)
+                key = (st.st_dev, st.st_ino)
+                if key not in bases:
+                    directory = _Dir(
+                        parent=None,
+                        name="",
+                        path=pattern.base_path,
+                        dev=st.st_dev,
+                        ino=st.st_ino,
+                        mtime_ns=st.st_mtime_ns,
+                        depth=len(pattern.base),
+                        is_base=True,
+                    )
+                    self.dirs[key] = directory
+                    bases[key] = _Base(directory, fd, _mount_id(fd))
+            except OSError as exc:
+                self._error(pattern.base_path, exc)
+                continue
+            bases[key].states.add((index, 0))
+        superblocks: dict[int, list[_Base]] = {}
+        for base in bases.values():
+            superblocks.setdefault(base.directory.dev, []).append(base)
+        return superblocks
+
+    # --- walk --------------------------------------------------------------------------
+
+    def _walk(self, base: _Base) -> None:
+        self._scan(base, base.directory, base.fd, base.states)
+
+    def _closure(self, states: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        # `**` also matches no directory at all: the next component applies here too.
+        closure = set(states)
+        for index, position in states:
+            if self.patterns[index].components[position].recursive:
+                closure.add((index, position + 1))
+        return closure
+
+    def _matchers(
+        self, states: set[tuple[int, int]]
+    ) -> tuple[Callable[[str], object] | None, list[tuple[int, int, _Component]]]:
+        """For one directory: the test for file names, and the steps into subdirectories."""
+        final: set[_Component] = set()
+        steps: list[tuple[int, int, _Component]] = []
+        for index, position in self._closure(states):
+            components = self.patterns[index].components
+            if position == len(components) - 1:
+                final.add(components[position])
+            else:
+                steps.append((index, position, components[position]))
+        if not final:
+            return None, steps
+        if any(component.text == "*" for component in final):
+            return _any_name, steps
+        if len(final) == 1:
+            return next(iter(final)).matches, steps
+        return (lambda name: any(component.matches(name) for component in final)), steps
+
+    def _scan(self, base: _Base, directory: _Dir, fd: int, states: set[tuple[int, int]]) -> None:
+        file_matches, steps = self._matchers(states)
+        try:
+            # a list, not an iterator: one fd per level while descending
+            with os.scandir(fd) as scan:
+                entries = list(scan)
+        except OSError as exc:
+            self._error(directory.path, exc)
+            return
+        first_scan = directory.entries < 0
+        if first_scan:
+            directory.entries = len(entries)
+        prefix = directory.path if directory.path.endswith("/") else f"{directory.path}/"
+        excludes = self.exclude_names is not None or self.exclude_paths is not None
+        for entry in entries:
+            name = entry.name
+            if excludes and self._excluded(name, prefix + name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    next_states = {
+                        (index, position if component.recursive else position + 1)
+                        for index, position, component in steps
+                        if component.recursive or component.matches(name)
+                    }
+                    if next_states:
+                        self._descend(base, directory, fd, name, next_states)
+                elif file_matches is not None and file_matches(name):
+                    self._consider(base, directory, name, entry.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue  # removed by someone else while we looked
+            except OSError as exc:
+                self._error(prefix + name, exc)
+        if first_scan:
+            self.walked.append(directory)
+
+    def _descend(
+        self, base: _Base, parent: _Dir, parent_fd: int, name: str, states: set[tuple[int, int]]
+    ) -> None:
+        path = parent.child_path(name)
+        if parent.depth - base.directory.depth >= MAX_DEPTH:
+            self.errors.append(f"{path}: deeper than {MAX_DEPTH} levels below the base, not walked")
+            return
+        # O_NOFOLLOW: a directory swapped for a symlink since readdir fails with ELOOP
+        fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd)
+        try:
+            st = os.fstat(fd)
+            if st.st_dev != base.directory.dev or _mount_id(fd) != base.mount_id:
+                return  # another filesystem or a bind mount: never entered
+            key = (st.st_dev, st.st_ino)
+            directory = self.dirs.get(key)
+            if directory is None:
+                directory = _Dir(
+                    parent=parent,
+                    name=name,
+                    path=path,
+                    dev=st.st_dev,
+                    ino=st.st_ino,
+                    mtime_ns=st.st_mtime_ns,
+                    depth=parent.depth + 1,
+                )
+                self.dirs[key] = directory
+            self._scan(base, directory, fd, states)
+        finally:
+            os.close(fd)
+
+    def _excluded(self, name: str, path: str) -> bool:
+        return (self.exclude_names is not None and self.exclude_names.match(name) is not None) or (
+            self.exclude_paths is not None and self.exclude_paths.match(path) is not None
+        )
+
+    def _consider(self, base: _Base, directory: _Dir, name: str, st: os.stat_result) -> None:
+        mode = st.st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            return  # only files and symlinks are removed
+        if st.st_dev != base.directory.dev:
+            return  # a file mount point
+        age_ns = self.age_of(st)
+        if self.threshold_ns is not None and age_ns >= self.threshold_ns:
+            return
+        if self.overlapping:
+            entry_key = (directory.dev, directory.ino, name)
+            if entry_key in self.seen:
+                return  # matched through an earlier base
+            self.seen.add(entry_key)
+        self.candidates.append(
+            _Candidate(
+                directory,
+                name,
+                directory.child_path(name),
+                st.st_dev,
+                st.st_ino,
+                st.st_blocks * 512,
+                age_ns,
+            )
+        )
+
+    # --- selection and removal -----------------------------------------------------------
+
+    def _clean_superblock(self, bases: list[_Base], dir_fds: _DirFds) -> None:
+        self.candidates = []
+        self.walked = []
+        self.overlapping = len(bases) > 1  # only several bases can reach one entry twice
+        for base in bases:
+            self._walk(base)
+        if self.spec.when_usage_above is None:
+            for candidate in self.candidates:
+                if not self._is_held(candidate):
+                    self._remove_file(candidate, dir_fds)
+        elif not self._clean_to_watermark(bases[0], dir_fds):
+            return  # below the watermark (or unknown usage): leave everything, dirs too
+        if self.spec.remove_empty_dirs:
+            self._remove_empty_dirs(dir_fds)
+
+    def _clean_to_watermark(self, base: _Base, dir_fds: _DirFds) -> bool:
+        """Remove oldest first until usage <= target. False when the mount is not above."""
+        assert self.spec.when_usage_above is not None
+        target_usage = self.spec.target_usage
+        if target_usage is None:
+            target_usage = self.spec.when_usage_above
+        size, used = _usage(base.fd)
+        if size == 0:
+            self.errors.append(
+                f"{base.directory.path}: mount has no size limit, usage watermarks do not apply"
+            )
+            return False
+        if used <= self.spec.when_usage_above * size:
+            return False
+        target = target_usage * size
+        ordered = sorted(self.candidates, key=lambda c: (c.age_ns, c.path))
+        position = 0
+        while True:
+            while position < len(ordered) and used > target:
+                candidate = ordered[position]
+                position += 1
+                if self._is_held(candidate):
+                    continue  # removing it would free nothing
+                self._remove_file(candidate, dir_fds)
+                used -= candidate.bytes
+            if self.dry_run or position >= len(ordered):
+                break
+            # the running sum is an estimate (hard links, writers): ask the kernel
+            _, used = _usage(base.fd)
+            if used <= target:
+                break
+        return True
+
+    def _is_held(self, candidate: _Candidate) -> bool:
+        holders = self.held_open.get((candidate.dev, candidate.ino))
+        if not holders:
+            return False
+        self.held.append(HeldOpenFile(candidate.path, candidate.bytes, tuple(holders)))
+        return True
+
+    def _remove_file(self, candidate: _Candidate, dir_fds: _DirFds) -> None:
+        if self.dry_run:
+            self.would_remove.append(RemovedFile(candidate.path, candidate.bytes))
+            self.files_removed += 1
+            self.bytes_removed += candidate.bytes
+            candidate.directory.gone += 1
+            return
+        try:
+            fd = dir_fds.get(candidate.directory)
+            st = os.stat(candidate.name, dir_fd=fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != (candidate.dev, candidate.ino) or not (
+                stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
+            ):
+                raise _Unsafe("replaced during cleanup, left alone")
+            os.unlink(candidate.name, dir_fd=fd)
+        except FileNotFoundError:
+            candidate.directory.gone += 1  # removed by someone else
+            return
+        except (OSError, _Unsafe) as exc:
+            self._error(candidate.path, exc)
+            return
+        if len(self.removed) < REMOVED_REPORT_LIMIT:
+            self.removed.append(RemovedFile(candidate.path, candidate.bytes))
+        self.files_removed += 1
+        self.bytes_removed += candidate.bytes
+        candidate.directory.gone += 1
+
+    def _remove_empty_dirs(self, dir_fds: _DirFds) -> None:
+        for directory in sorted(self.walked, key=lambda d: -d.depth):
+            parent = directory.parent
+            if directory.is_base or parent is None or directory.entries != directory.gone:
+                continue
+            if self.threshold_ns is not None and directory.mtime_ns >= self.threshold_ns:
+                continue  # recently changed by someone: may be about to be used
+            if not self.dry_run:
+                try:
+                    parent_fd = dir_fds.get(parent)
+                    st = os.stat(directory.name, dir_fd=parent_fd, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) != (directory.dev, directory.ino):
+                        raise _Unsafe("replaced during cleanup, left alone")
+                    dir_fds.forget(directory)
+                    os.rmdir(directory.name, dir_fd=parent_fd)
+                except FileNotFoundError:
+                    parent.gone += 1
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # refilled meanwhile
+                        self._error(directory.path, exc)
+                    continue
+                except _Unsafe as exc:
+                    self._error(directory.path, exc)
+                    continue
+            self.dirs_removed += 1
+            parent.gone += 1
+
+
+def _any_name(name: str) -> bool:
+    return True
+
+
+def _usage(fd: int) -> tuple[int, int]:
+    """(size, used) in bytes of the filesystem of fd; size 0 for an unlimited tmpfs."""
+    st = os.fstatvfs(fd)
+    return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def _open_in_root(root_fd: int, parts: Sequence[str]) -> int:
+    """Open the directory `parts` below root_fd as if root_fd were `/` (chroot semantics).
+
+    Symlinks are resolved by hand: absolute targets restart at the root, `..` never rises above
+    it. A symlink is followed only where it lives on a filesystem that is not tmpfs.
+    """
+    stack = [root_fd]  # open directories from the root down; root_fd belongs to the caller
+    pending = list(reversed(parts))
+    links = 0
+    try:
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            here = stack[-1]
+            st = os.stat(part, dir_fd=here, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                if _is_tmpfs(here):
+                    raise _Unsafe(
+                        f"symlink {part!r} on a tmpfs in the pattern's base, not followed"
+                    )
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+                target = os.readlink(part, dir_fd=here)
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                pending.extend(reversed(target.split("/")))
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            stack.append(os.open(part, _OPEN_DIR, dir_fd=here))
+        return stack.pop() if len(stack) > 1 else os.dup(root_fd)
+    finally:
+        for fd in stack[1:]:
+            os.close(fd)

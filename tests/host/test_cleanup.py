@@ -1,0 +1,376 @@
+"""Cleanup rules on real tmpfs mounts: age, watermarks, symlinks, bind mounts, other
+filesystems, files held open by a real process, dry run against the real run.
+
+Each test builds a host root under tmp_path (HostPaths(host_root=...)), mounts its own tmpfs
+there and unmounts it afterwards; patterns name paths inside that root only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodemem.host.cleanup import CleanupResult, CleanupSpec, HeldOpenFile, run_cleanup
+from nodemem.host.paths import HostPaths
+from nodemem.host.procfs import Holder
+
+pytestmark = pytest.mark.privileged
+
+HOUR = 3600.0
+MIB = 1024 * 1024
+NO_HOLDERS: dict[tuple[int, int], Sequence[Holder]] = {}
+
+Mount = Callable[..., Path]
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Mount]:
+    """mount(*mount_args, point=...): mount(8) at point (created); unmounted after the test."""
+    mounted: list[Path] = []
+
+    def do_mount(*args: str, point: Path) -> Path:
+        if not point.exists():
+            point.mkdir(parents=True)
+        subprocess.run(["mount", *args, str(point)], check=True, capture_output=True)
+        mounted.append(point)
+        return point
+
+    yield do_mount
+    for point in reversed(mounted):
+        if subprocess.run(["umount", str(point)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+@pytest.fixture
+def host(tmp_path: Path, mount: Mount) -> HostPaths:
+    """A host root in tmp_path with a 16 MiB tmpfs at its /mnt."""
+    root = tmp_path / "host"
+    mount("-t", "tmpfs", "-o", "size=16m", "nodemem-test", point=root / "mnt")
+    return HostPaths(host_root=root)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """spawn(argv, **popen_kwargs): a child process, killed (by its pid) after the test."""
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(argv, **kwargs)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait(timeout=10)
+
+
+def write(path: Path, *, age: float = 0.0, size: int = 1) -> Path:
+    """A file of `size` bytes whose atime and mtime are `age` seconds old."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    stamp = time.time() - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def names(root: Path) -> set[str]:
+    return {
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_symlink() or not path.is_dir()
+    }
+
+
+def clean(host: HostPaths, *paths: str, dry_run: bool = False, **options: Any) -> CleanupResult:
+    spec = CleanupSpec(name="rule", paths=paths, **options)
+    return run_cleanup(host, spec, NO_HOLDERS, dry_run=dry_run)
+
+
+def usage(path: Path) -> float:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) / st.f_blocks
+
+
+def comm_once_exec_done(pid: int, expected: str) -> str:
+    """The child's comm; exec sets it just after Popen may return, so poll with a deadline."""
+    deadline = time.monotonic() + 5
+    while (comm := Path(f"/proc/{pid}/comm").read_text().strip()) != expected:
+        assert time.monotonic() < deadline, f"pid {pid} is still {comm!r}, not {expected!r}"
+        time.sleep(0.001)
+    return comm
+
+
+def held_by(pid: int, comm: str) -> dict[tuple[int, int], Sequence[Holder]]:
+    """What an fd scan of one process reports: (st_dev, st_ino) of each open file -> holder."""
+    held: dict[tuple[int, int], Sequence[Holder]] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        held[(st.st_dev, st.st_ino)] = [Holder(pid, comm)]
+    return held
+
+
+def test_removes_exactly_the_files_older_than_the_threshold(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    for index in range(10):
+        write(mnt / "logs" / f"old-{index}.log", age=2 * HOUR, size=5000)
+        write(mnt / "logs" / f"new-{index}.log", age=30 * 60, size=5000)
+
+    result = clean(host, "/mnt/logs/*.log", older_than=timedelta(hours=1))
+
+    assert names(mnt) == {f"logs/new-{index}.log" for index in range(10)}
+    assert {file.path for file in result.removed} == {f"/mnt/logs/old-{i}.log" for i in range(10)}
+    assert (result.files_removed, result.bytes_removed) == (10, 10 * 8192)  # 5000 B: 2 pages
+    assert result.errors == result.skipped_not_tmpfs == []
+
+
+def test_age_by_atime_or_mtime_and_the_walk_leaves_atimes_alone(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    now = time.time()
+    old, new = now - 2 * HOUR, now - 60
+    for name, atime, mtime in (("read-lately", new, old), ("written-lately", old, new)):
+        write(mnt / name)
+        os.utime(mnt / name, (atime, mtime))
+    atimes = {path.name: path.stat().st_atime_ns for path in mnt.iterdir()}
+
+    by_mtime = clean(host, "/mnt/*", dry_run=True, older_than=timedelta(hours=1))
+    by_atime = clean(host, "/mnt/*", dry_run=True, older_than=timedelta(hours=1), age=("atime",))
+
+    assert [file.path for file in by_mtime.would_remove] == ["/mnt/read-lately"]
+    assert [file.path for file in by_atime.would_remove] == ["/mnt/written-lately"]
+    assert {path.name: path.stat().st_atime_ns for path in mnt.iterdir()} == atimes
+
+
+def test_watermark_removes_oldest_first_until_under_target(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    files = [
+        write(mnt / f"blob-{index:02}", age=(20 - index) * HOUR, size=MIB) for index in range(13)
+    ]
+    assert usage(mnt) == pytest.approx(13 / 16)
+    options: dict[str, Any] = {"when_usage_above": 0.5, "target_usage": 0.3}
+
+    planned = clean(host, "/mnt/blob-*", dry_run=True, **options)
+    assert len(names(mnt)) == 13
+    result = clean(host, "/mnt/blob-*", **options)
+
+    oldest_nine = [f"/mnt/{path.name}" for path in files[:9]]
+    assert [file.path for file in planned.would_remove] == oldest_nine
+    assert [file.path for file in result.removed] == oldest_nine
+    assert result.bytes_removed == 9 * MIB
+    assert names(mnt) == {path.name for path in files[9:]}
+    assert usage(mnt) == pytest.approx(4 / 16)
+
+
+def test_watermark_does_nothing_below_the_threshold(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    for index in range(7):  # 7/16 < 0.5
+        write(mnt / f"blob-{index}", age=2 * HOUR, size=MIB)
+    (mnt / "empty").mkdir()
+
+    result = clean(host, "/mnt/**", when_usage_above=0.5, remove_empty_dirs=True)
+
+    assert (result.files_removed, result.dirs_removed) == (0, 0)
+    assert len(names(mnt)) == 7
+
+
+def test_watermark_with_older_than_takes_only_old_files(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    for index in range(12):  # 12/16 used; only 4 old ones may go, so 8/16 stays
+        write(mnt / f"blob-{index:02}", age=(2 if index < 4 else 0) * HOUR, size=MIB)
+
+    result = clean(
+        host, "/mnt/*", when_usage_above=0.5, target_usage=0.3, older_than=timedelta(hours=1)
+    )
+
+    assert result.files_removed == 4
+    assert names(mnt) == {f"blob-{index:02}" for index in range(4, 12)}
+
+
+def test_watermark_on_an_unlimited_tmpfs_is_refused(tmp_path: Path, mount: Mount) -> None:
+    root = tmp_path / "host"
+    mount("-t", "tmpfs", "-o", "size=0", "nodemem-test", point=root / "mnt")
+    write(root / "mnt" / "x", age=2 * HOUR)
+
+    result = clean(HostPaths(host_root=root), "/mnt/*", when_usage_above=0.1)
+
+    assert result.files_removed == 0
+    assert result.errors == ["/mnt: mount has no size limit, usage watermarks do not apply"]
+
+
+def test_excluded_files_survive(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    for name in ("a.log", "a.keep", "state/b.log", "cache/c.log"):
+        write(mnt / name, age=2 * HOUR)
+
+    result = clean(host, "/mnt/**", exclude=("*.keep", "/mnt/state/*"))
+
+    assert result.files_removed == 2
+    assert names(mnt) == {"a.keep", "state/b.log"}
+
+
+def test_symlink_is_removed_as_a_link_and_its_target_survives(
+    host: HostPaths, tmp_path: Path
+) -> None:
+    target = write(tmp_path / "outside.log", age=2 * HOUR)
+    link = host.host("/mnt/app.log")
+    link.symlink_to(target)
+    stamp = time.time() - 2 * HOUR
+    os.utime(link, (stamp, stamp), follow_symlinks=False)
+
+    result = clean(host, "/mnt/*.log", older_than=timedelta(hours=1))
+
+    assert [file.path for file in result.removed] == ["/mnt/app.log"]
+    assert not link.is_symlink()
+    assert target.read_bytes() == b"x"
+
+
+def test_symlink_to_a_directory_is_never_entered(host: HostPaths, tmp_path: Path) -> None:
+    outside = write(tmp_path / "outside" / "x.log", age=2 * HOUR)
+    host.host("/mnt/dir").symlink_to(outside.parent)
+
+    through = clean(host, "/mnt/*/x.log", "/mnt/dir/*")
+    link_itself = clean(host, "/mnt/**")
+
+    assert through.files_removed == 0
+    assert through.errors == [
+        "/mnt/dir: symlink 'dir' on a tmpfs in the pattern's base, not followed"
+    ]
+    assert [file.path for file in link_itself.removed] == ["/mnt/dir"]
+    assert outside.exists()
+
+
+def test_other_filesystems_and_bind_mounts_are_not_entered(
+    host: HostPaths, tmp_path: Path, mount: Mount
+) -> None:
+    mnt = host.host("/mnt")
+    disk = write(tmp_path / "disk" / "old.log", age=2 * HOUR).parent
+    mount("--bind", str(disk), point=mnt / "tree" / "disk")
+    mount("-t", "tmpfs", "-o", "size=1m", "nodemem-test", point=mnt / "tree" / "other-tmpfs")
+    write(mnt / "tree" / "other-tmpfs" / "old.log", age=2 * HOUR)
+    write(mnt / "outside-tree" / "old.log", age=2 * HOUR)  # same superblock, another mount:
+    mount("--bind", str(mnt / "outside-tree"), point=mnt / "tree" / "alias")
+    write(mnt / "tree" / "mine" / "old.log", age=2 * HOUR)
+    write(mnt / "tree" / "file-mount.log", age=2 * HOUR)  # a file mount point: not ours
+    mount(
+        "--bind",
+        str(write(tmp_path / "disk.log", age=2 * HOUR)),
+        point=mnt / "tree" / "file-mount.log",
+    )
+
+    result = clean(host, "/mnt/tree/**", older_than=timedelta(hours=1), remove_empty_dirs=True)
+
+    assert [file.path for file in result.removed] == ["/mnt/tree/mine/old.log"]
+    assert result.dirs_removed == 0  # mine is new; mount points are never removed
+    assert (disk / "old.log").exists()
+    assert (mnt / "tree" / "other-tmpfs" / "old.log").exists()
+    assert (mnt / "outside-tree" / "old.log").exists()
+    assert (tmp_path / "disk.log").exists()
+    assert result.errors == []
+
+
+def test_base_not_on_tmpfs_is_skipped_and_untouched(host: HostPaths) -> None:
+    disk = write(host.host("/disk/old.log"), age=2 * HOUR).parent
+
+    result = clean(host, "/disk/*", "/disk/**", "/mnt/*")
+
+    assert result.skipped_not_tmpfs == ["/disk"]
+    assert (disk / "old.log").exists()
+    assert result.errors == []
+
+
+def test_host_symlink_in_the_base_resolves_inside_the_host_root(
+    tmp_path: Path, mount: Mount
+) -> None:
+    root = tmp_path / "host"
+    run = mount("-t", "tmpfs", "-o", "size=1m", "nodemem-test", point=root / "run")
+    write(run / "app" / "old.log", age=2 * HOUR)
+    (root / "var").mkdir()
+    (root / "var" / "run").symlink_to("/run")  # as on hosts: on the root fs, absolute
+
+    result = clean(HostPaths(host_root=root), "/var/run/app/*.log")
+
+    assert [file.path for file in result.removed] == ["/var/run/app/old.log"]
+    assert not (run / "app" / "old.log").exists()
+
+
+def test_symlink_on_a_tmpfs_in_the_base_is_not_followed(
+    host: HostPaths, tmp_path: Path, mount: Mount
+) -> None:
+    other = mount("-t", "tmpfs", "-o", "size=1m", "nodemem-test", point=tmp_path / "host" / "other")
+    write(other / "old.log", age=2 * HOUR)
+    host.host("/mnt/link").symlink_to("/other")
+
+    result = clean(host, "/mnt/link/*.log")
+
+    assert result.files_removed == 0
+    assert result.errors == [
+        "/mnt/link: symlink 'link' on a tmpfs in the pattern's base, not followed"
+    ]
+    assert (other / "old.log").exists()
+
+
+def test_file_held_open_by_a_process_is_kept_and_reported(
+    host: HostPaths, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    held = write(host.host("/mnt/app.log"), age=2 * HOUR, size=3 * 4096)
+    with held.open("ab") as log:
+        child = spawn(["sleep", "60"], stdout=log)
+    os.utime(held, (time.time() - 2 * HOUR,) * 2)
+    write(host.host("/mnt/rotated.log"), age=2 * HOUR)
+    holders = held_by(child.pid, comm_once_exec_done(child.pid, "sleep"))
+    spec = CleanupSpec(name="rule", paths=("/mnt/*.log",), older_than=timedelta(hours=1))
+
+    result = run_cleanup(host, spec, holders, dry_run=False)
+
+    assert result.held_open == [
+        HeldOpenFile("/mnt/app.log", 3 * 4096, (Holder(child.pid, "sleep"),))
+    ]
+    assert [file.path for file in result.removed] == ["/mnt/rotated.log"]
+    assert held.exists()
+
+
+def test_dry_run_removes_nothing_and_lists_what_the_real_run_removes(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    for index in range(30):
+        write(mnt / f"d{index % 4}" / f"sub{index % 3}" / f"f{index}", age=(index % 3) * HOUR)
+    write(mnt / "d0" / "f.keep", age=2 * HOUR)
+    (mnt / "d1" / "link").symlink_to("/nowhere")
+    os.utime(mnt / "d1" / "link", (time.time() - 2 * HOUR,) * 2, follow_symlinks=False)
+    for directory in mnt.rglob("*"):
+        if directory.is_dir() and not directory.is_symlink():
+            os.utime(directory, (time.time() - 2 * HOUR,) * 2)
+    before = names(mnt)
+    options: dict[str, Any] = {
+        "older_than": timedelta(minutes=90),
+        "exclude": ("*.keep",),
+        "remove_empty_dirs": True,
+    }
+
+    planned = clean(host, "/mnt/**", dry_run=True, **options)
+    assert names(mnt) == before
+    assert planned.removed == []
+    result = clean(host, "/mnt/**", **options)
+
+    assert result.removed == planned.would_remove
+    assert len(result.removed) == 11  # index % 3 == 2: ten files, plus the link
+    assert (result.files_removed, result.bytes_removed) == (planned.files_removed, 10 * 4096)
+    assert result.dirs_removed == planned.dirs_removed == 4  # every d*/sub2
+    assert names(mnt) == {
+        name for name in before if not name.endswith("/link") and "/sub2/" not in name
+    }
+
+
+def test_devtmpfs_is_never_a_cleanup_base() -> None:
+    # /dev is devtmpfs: statfs calls it tmpfs, the mount table does not. Dry run, so that
+    # even a regression here cannot touch the machine's /dev.
+    spec = CleanupSpec(name="dev", paths=("/dev/*",), older_than=timedelta(seconds=1))
+    result = run_cleanup(HostPaths(), spec, {}, dry_run=True)
+    assert result.skipped_not_tmpfs == ["/dev"]
+    assert result.would_remove == []

@@ -1,0 +1,359 @@
+"""Cleanup rules without mounts: spec validation, pattern semantics, races, in-root resolution.
+
+The walker refuses anything that is not tmpfs. These tests run it on a plain directory by
+replacing only that check (`cleanup._is_tmpfs`) with one that calls chosen directories tmpfs;
+everything else is the real code on a real filesystem. tests/host/test_cleanup.py covers the
+same walker on real tmpfs mounts, with the real check.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodemem.host import cleanup
+from nodemem.host.cleanup import CleanupResult, CleanupSpec, HeldOpenFile, run_cleanup
+from nodemem.host.paths import HostPaths
+from nodemem.host.procfs import Holder
+
+HOUR = 3600.0
+NO_HOLDERS: dict[tuple[int, int], Sequence[Holder]] = {}
+
+
+def write(path: Path, *, age: float = 0.0, size: int = 1) -> Path:
+    """A file of `size` bytes whose atime and mtime are `age` seconds old."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    stamp = time.time() - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def names(root: Path) -> set[str]:
+    """Every file and symlink below root, as paths relative to it."""
+    return {
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_symlink() or not path.is_dir()
+    }
+
+
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HostPaths:
+    """A host root in tmp_path whose /mnt counts as tmpfs (the only faked fact)."""
+    root = tmp_path / "host"
+    (root / "mnt").mkdir(parents=True)
+    fake_tmpfs(monkeypatch, root / "mnt")
+    return HostPaths(host_root=root)
+
+
+def fake_tmpfs(monkeypatch: pytest.MonkeyPatch, *trees: Path) -> None:
+    def is_tmpfs(fd: int) -> bool:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        return any(where == str(tree) or where.startswith(f"{tree}/") for tree in trees)
+
+    monkeypatch.setattr(cleanup, "_is_tmpfs", is_tmpfs)
+
+
+def clean(host: HostPaths, *paths: str, dry_run: bool = False, **options: Any) -> CleanupResult:
+    spec = CleanupSpec(name="rule", paths=paths, **options)
+    return run_cleanup(host, spec, NO_HOLDERS, dry_run=dry_run)
+
+
+def removed_paths(result: CleanupResult) -> set[str]:
+    return {file.path for file in result.removed}
+
+
+# --- the spec ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"paths": ("run/app/*.log",)}, "absolute"),
+        ({"paths": ("/run/app/../../etc/*",)}, r"'\.\.'"),
+        ({"paths": ("/run/./app/*",)}, r"'\.'"),
+        ({"paths": ("/run/app/",)}, "names files"),
+        ({"paths": ("/run/a\0b",)}, "NUL"),
+        ({"paths": ()}, "no paths"),
+        ({"paths": ("/run/*",), "age": ("btime",)}, "age"),
+        ({"paths": ("/run/*",), "age": ()}, "age"),
+        ({"paths": ("/run/*",), "older_than": timedelta(seconds=-1)}, "negative"),
+        ({"paths": ("/run/*",), "when_usage_above": 1.5}, "0..1"),
+        ({"paths": ("/run/*",), "when_usage_above": 0.5, "target_usage": -0.1}, "0..1"),
+        ({"paths": ("/run/*",), "target_usage": 0.3}, "needs when_usage_above"),
+        ({"paths": ("/run/*",), "when_usage_above": 0.3, "target_usage": 0.5}, "above"),
+        ({"paths": ("/run/*",), "exclude": ("",)}, "empty exclude"),
+    ],
+)
+def test_spec_rejects_unsafe_or_inconsistent_rules(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CleanupSpec(name="rule", **options)
+
+
+def test_spec_keeps_lists_as_tuples() -> None:
+    spec = CleanupSpec(name="rule", paths=["/run/*"], exclude=["*.keep"])  # type: ignore[arg-type]
+    assert spec.paths == ("/run/*",)
+    assert spec.exclude == ("*.keep",)
+    assert hash(spec) == hash(CleanupSpec(name="rule", paths=("/run/*",), exclude=("*.keep",)))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "base", "components"),
+    [
+        ("/run/app/logs/*.log", ("run", "app", "logs"), ("*.log",)),
+        ("/dev/shm/app-*", ("dev", "shm"), ("app-*",)),
+        ("/run/app/x.log", ("run", "app"), ("x.log",)),
+        ("/x.log", (), ("x.log",)),
+        ("/run//app/*/cache/[0-9]*", ("run", "app"), ("*", "cache", "[0-9]*")),
+        ("/run/app/**", ("run", "app"), ("**", "*")),
+        ("/run/**/**/*.tmp", ("run",), ("**", "*.tmp")),
+    ],
+)
+def test_pattern_splits_into_literal_base_and_glob_components(
+    pattern: str, base: tuple[str, ...], components: tuple[str, ...]
+) -> None:
+    parsed = cleanup._parse_pattern(pattern)
+    assert parsed.base == base
+    assert tuple(component.text for component in parsed.components) == components
+
+
+# --- matching ------------------------------------------------------------------------------
+
+
+def test_star_stays_in_one_directory_and_double_star_goes_any_depth(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    for name in ("a.log", ".hidden.log", "b.txt", "d1/c.log", "d1/d2/e.log", "d1/d2/f.txt"):
+        write(mnt / name, age=2 * HOUR)
+
+    assert removed_paths(clean(host, "/mnt/*.log", dry_run=False)) == {
+        "/mnt/a.log",
+        "/mnt/.hidden.log",
+    }
+    assert removed_paths(clean(host, "/mnt/**/*.log")) == {"/mnt/d1/c.log", "/mnt/d1/d2/e.log"}
+    assert removed_paths(clean(host, "/mnt/d1/**")) == {"/mnt/d1/d2/f.txt"}
+    assert names(mnt) == {"b.txt"}
+
+
+def test_final_component_matches_files_only(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    write(mnt / "cache-1" / "inner", age=2 * HOUR)
+    write(mnt / "cache-2", age=2 * HOUR)
+    os.mkfifo(mnt / "cache-fifo")
+
+    result = clean(host, "/mnt/cache-*")
+
+    assert removed_paths(result) == {"/mnt/cache-2"}
+    assert names(mnt) == {"cache-1/inner", "cache-fifo"}
+    assert result.errors == []
+
+
+def test_overlapping_patterns_remove_each_file_once(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    write(mnt / "app" / "x.log", size=5000)
+
+    result = clean(host, "/mnt/**/*.log", "/mnt/app/*", "/mnt/app/x.log", dry_run=True)
+
+    assert [file.path for file in result.would_remove] == ["/mnt/app/x.log"]
+    assert result.files_removed == 1
+
+
+def test_excludes_match_names_without_slash_and_full_paths_with_slash(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    for name in ("a.log", "a.keep", "keep/b.log", "sub/c.log", "sub/d.log"):
+        write(mnt / name, age=2 * HOUR)
+
+    result = clean(host, "/mnt/**", exclude=("*.keep", "keep", "/mnt/sub/c*"))
+
+    assert removed_paths(result) == {"/mnt/a.log", "/mnt/sub/d.log"}
+    assert names(mnt) == {"a.keep", "keep/b.log", "sub/c.log"}
+
+
+def test_age_needs_every_listed_timestamp_to_be_old(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    now = time.time()
+    old, new = now - 2 * HOUR, now
+    for name, atime, mtime in (("both", old, old), ("atime", old, new), ("mtime", new, old)):
+        write(mnt / name)
+        os.utime(mnt / name, (atime, mtime))
+
+    def would_remove(*age: str) -> set[str]:
+        result = clean(host, "/mnt/*", dry_run=True, older_than=timedelta(hours=1), age=age)
+        return {Path(file.path).name for file in result.would_remove}
+
+    assert would_remove("mtime") == {"both", "mtime"}
+    assert would_remove("atime") == {"both", "atime"}
+    assert would_remove("atime", "mtime") == {"both"}
+    assert would_remove("ctime") == set()  # ctime is now for all of them
+
+
+def test_file_held_by_this_process_is_kept_and_reported(host: HostPaths) -> None:
+    held = write(host.host("/mnt/held.log"), age=2 * HOUR, size=10_000)
+    write(host.host("/mnt/free.log"), age=2 * HOUR)
+    with held.open("rb"):
+        st = os.stat(held)
+        holders = {(st.st_dev, st.st_ino): [Holder(os.getpid(), "pytest")]}
+        spec = CleanupSpec(name="rule", paths=("/mnt/*.log",))
+        result = run_cleanup(host, spec, holders, dry_run=False)
+
+    assert held.exists()
+    assert removed_paths(result) == {"/mnt/free.log"}
+    assert result.held_open == [
+        HeldOpenFile("/mnt/held.log", st.st_blocks * 512, (Holder(os.getpid(), "pytest"),))
+    ]
+
+
+def test_trees_deeper_than_the_limit_are_reported_not_walked(
+    host: HostPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cleanup, "MAX_DEPTH", 2)
+    write(host.host("/mnt/1/x"))
+    write(host.host("/mnt/1/2/x"))
+    write(host.host("/mnt/1/2/3/x"))
+
+    result = clean(host, "/mnt/**")
+
+    assert removed_paths(result) == {"/mnt/1/x", "/mnt/1/2/x"}
+    assert result.errors == ["/mnt/1/2/3: deeper than 2 levels below the base, not walked"]
+
+
+# --- the base: resolved inside the host root ---------------------------------------------
+
+
+def test_base_symlinks_resolve_inside_the_host_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "host"
+    inside = write(root / "mnt" / "x.log", age=2 * HOUR)
+    outside = write(tmp_path / "mnt" / "x.log", age=2 * HOUR)  # where `..` would lead outside
+    (root / "up").symlink_to("../..")  # on a non-tmpfs: followed, but clamped at the root
+    (root / "abs").symlink_to("/mnt")  # absolute: the host's /mnt, not ours
+    fake_tmpfs(monkeypatch, root / "mnt", tmp_path / "mnt")
+    host = HostPaths(host_root=root)
+
+    result = clean(host, "/up/mnt/*.log", "/abs/*.log", dry_run=True)
+
+    assert [file.path for file in result.would_remove] == ["/up/mnt/x.log"]
+    assert clean(host, "/abs/*.log").files_removed == 1
+    assert not inside.exists()
+    assert outside.exists()
+
+
+def test_missing_base_matches_nothing_quietly(host: HostPaths) -> None:
+    result = clean(host, "/mnt/not-yet/*.log", "/nowhere/*")
+    assert result.files_removed == 0
+    assert result.errors == []
+    assert result.skipped_not_tmpfs == []
+
+
+def test_base_on_a_file_is_an_error(host: HostPaths) -> None:
+    write(host.host("/mnt/file"))
+    result = clean(host, "/mnt/file/*")
+    assert result.errors == ["/mnt/file: Not a directory"]
+
+
+# --- races: the walk saw one thing, removal finds another --------------------------------
+
+
+class SwapOnLookup(dict[tuple[int, int], Sequence[Holder]]):
+    """Holds nothing; its first lookup (after the walk, before removal) runs `swap`."""
+
+    def __init__(self, swap: Callable[[], None]) -> None:
+        super().__init__()
+        self._swap: Callable[[], None] | None = swap
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if self._swap is not None:
+            swap, self._swap = self._swap, None
+            swap()
+        return super().get(key, default)
+
+
+def run_with_swap(host: HostPaths, pattern: str, swap: Callable[[], None]) -> CleanupResult:
+    spec = CleanupSpec(name="rule", paths=(pattern,), older_than=timedelta(hours=1))
+    return run_cleanup(host, spec, SwapOnLookup(swap), dry_run=False)
+
+
+def test_file_replaced_after_the_walk_is_left_alone(host: HostPaths) -> None:
+    victim = write(host.host("/mnt/a.log"), age=2 * HOUR)
+    fresh = write(host.host("/mnt/fresh.tmp"))
+
+    def swap() -> None:
+        fresh.rename(victim)
+
+    result = run_with_swap(host, "/mnt/*.log", swap)
+
+    assert victim.read_bytes() == b"x"
+    assert victim.stat().st_mtime > time.time() - HOUR  # the fresh file, not the old one
+    assert result.files_removed == 0
+    assert result.errors == ["/mnt/a.log: replaced during cleanup, left alone"]
+
+
+def test_directory_swapped_for_a_symlink_after_the_walk_redirects_nothing(
+    host: HostPaths, tmp_path: Path
+) -> None:
+    sub = host.host("/mnt/sub")
+    write(sub / "a.log", age=2 * HOUR)
+    elsewhere = write(tmp_path / "elsewhere" / "a.log", age=2 * HOUR)
+
+    def swap() -> None:
+        sub.rename(sub.with_name("sub.orig"))
+        sub.symlink_to(elsewhere.parent)
+
+    result = run_with_swap(host, "/mnt/*/*.log", swap)
+
+    assert elsewhere.exists()
+    assert (sub.with_name("sub.orig") / "a.log").exists()
+    assert result.files_removed == 0
+    assert len(result.errors) == 1
+    assert result.errors[0].startswith("/mnt/sub/a.log: ")
+
+
+# --- empty directories -------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree_of_old_dirs(host: HostPaths) -> Iterator[Path]:
+    mnt = host.host("/mnt")
+    write(mnt / "a" / "b" / "old.log", age=2 * HOUR)
+    write(mnt / "keep" / "new.log")
+    (mnt / "a" / "empty").mkdir()
+    (mnt / "fresh-empty").mkdir()
+    stamp = time.time() - 2 * HOUR
+    for directory in ("a", "a/b", "a/empty", "keep"):
+        os.utime(mnt / directory, (stamp, stamp))
+    yield mnt
+
+
+def test_empty_dirs_stay_unless_the_rule_says_so(host: HostPaths, tree_of_old_dirs: Path) -> None:
+    result = clean(host, "/mnt/**", older_than=timedelta(hours=1))
+
+    assert result.dirs_removed == 0
+    assert (tree_of_old_dirs / "a" / "b").is_dir()
+
+
+def test_empty_dirs_removed_deepest_first_when_old(host: HostPaths, tree_of_old_dirs: Path) -> None:
+    options: dict[str, Any] = {"older_than": timedelta(hours=1), "remove_empty_dirs": True}
+    planned = clean(host, "/mnt/**", dry_run=True, **options)
+    assert (planned.files_removed, planned.dirs_removed) == (1, 3)  # a/b, a/empty, then a
+
+    result = clean(host, "/mnt/**", **options)
+
+    assert (result.files_removed, result.dirs_removed) == (1, 3)
+    assert sorted(p.name for p in tree_of_old_dirs.iterdir()) == ["fresh-empty", "keep"]
+    assert host.host("/mnt").is_dir()  # the base is never removed
+
+
+def test_a_nested_base_is_never_removed(host: HostPaths, tree_of_old_dirs: Path) -> None:
+    result = clean(
+        host, "/mnt/**", "/mnt/a/b/*", older_than=timedelta(hours=1), remove_empty_dirs=True
+    )
+
+    assert result.dirs_removed == 1  # a/empty; a/b is a base and so a is not empty
+    assert (tree_of_old_dirs / "a" / "b").is_dir()
