@@ -9,11 +9,13 @@ from pathlib import Path
 
 from nodemem.api.manifest import PolicyError, load_policies
 from nodemem.host.meminfo import read_meminfo
+from nodemem.host.oom_predict import predict_victims
 from nodemem.host.paths import HostPaths
 from nodemem.host.shmem import scan_node
 from nodemem.policy.apply import apply_policy
 from nodemem.policy.effective import effective_policy
-from nodemem.policy.report import apply_report, host_report
+from nodemem.policy.pods import PodDirectory, PodsFileError, load_pods_file
+from nodemem.policy.report import apply_report, host_report, oom_preview
 from nodemem.tables import apply_report_text, host_report_text
 
 EXIT_OK = 0
@@ -28,10 +30,34 @@ def _host_paths(args: argparse.Namespace) -> HostPaths:
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-root", default="/", help="where the host's / is (default /)")
     parser.add_argument("--proc-root", default="/proc", help="the host's /proc (default /proc)")
+    parser.add_argument(
+        "--pods-file",
+        metavar="FILE",
+        help="pods on this node (`kubectl get pods -o json`), for pod names and OOM rules' "
+        "namespace, labelSelector and container criteria",
+    )
+
+
+def _pods(args: argparse.Namespace) -> PodDirectory:
+    if not args.pods_file:
+        return PodDirectory()
+    try:
+        return load_pods_file(Path(args.pods_file).read_text())
+    except OSError as exc:
+        raise SystemExit(f"nodemem: cannot read {args.pods_file}: {exc.strerror}") from None
+    except PodsFileError as exc:
+        raise SystemExit(f"nodemem: {args.pods_file}: {exc}") from None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    report = host_report(scan_node(_host_paths(args)), top=args.top)
+    paths = _host_paths(args)
+    try:
+        prediction = predict_victims(paths, cgroup=args.oom_cgroup, limit=args.top)
+    except (FileNotFoundError, LookupError) as exc:
+        print(f"nodemem: --oom-cgroup {args.oom_cgroup}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    oom = oom_preview(paths, prediction, _pods(args))
+    report = host_report(scan_node(paths), top=args.top, oom=oom)
     if args.json:
         print(report.model_dump_json(by_alias=True, indent=2))
     else:
@@ -67,7 +93,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     cleanups = effective.cleanup if args.run_cleanup else ()
     held_open = scan_node(paths).open_tmpfs_files if cleanups else {}
     result = apply_policy(
-        paths, effective, dry_run=args.dry_run, cleanups=cleanups, held_open=held_open
+        paths,
+        effective,
+        dry_run=args.dry_run,
+        cleanups=cleanups,
+        held_open=held_open,
+        pods=_pods(args),
     )
     report = apply_report(effective, result, dry_run=args.dry_run)
     if args.json:
@@ -86,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="explain this host's memory and Shmem")
     report.add_argument("--json", action="store_true", help="print JSON instead of tables")
     report.add_argument("--top", type=int, default=10, metavar="N", help="largest N objects")
+    report.add_argument(
+        "--oom-cgroup",
+        metavar="PATH",
+        help="preview the victims of an OOM in this memory cgroup (a directory under the "
+        "cgroup mount, or its path in the memory hierarchy) instead of a node-wide OOM",
+    )
     _add_host_options(report)
     report.set_defaults(func=cmd_report)
 

@@ -95,6 +95,34 @@ def host_report_text(report: HostReport) -> str:
                 ],
             ),
         ]
+    if report.oom is not None:
+        oom = report.oom
+        scope = "a node-wide OOM" if oom.scope == "node" else f"an OOM in memory cgroup {oom.scope}"
+        out += [
+            "",
+            f"Next OOM victims in {scope} (kernel formula: rss+swap+pagetables pages + "
+            f"adj x {oom.total_pages // 1000}):",
+            table(
+                ("#", "PID", "COMM", "ADJ", "SCORE", "RSS", "POD"),
+                [
+                    (
+                        str(rank),
+                        str(v.pid),
+                        v.comm,
+                        str(v.oom_score_adj),
+                        str(v.score),
+                        format_bytes(v.rss_bytes),
+                        v.pod or "",
+                    )
+                    for rank, v in enumerate(oom.predicted_victims, start=1)
+                ],
+            ),
+        ]
+        if oom.badness_truncation_risk:
+            out.append(
+                "  WARNING: kernel before 5.9 with negative oom_score_adj: every score <= 0 "
+                "ties at 1 and scan order, not size, picks the victim"
+            )
     if report.unreadable_processes:
         out += [
             "",
@@ -170,4 +198,28 @@ def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> 
             "",
             "cleanup rules were not run (they run on schedule; --run-cleanup runs them now)",
         ]
+    if report.oom.rules:
+        oom = report.oom
+        out += [
+            "",
+            f"oom_score_adj: {oom.matched} processes matched, {oom.adjusted} adjusted, "
+            f"{oom.unchanged} unchanged, {oom.forbidden} forbidden, {oom.failed} failed"
+            + (f", {oom.planned} would be adjusted" if oom.planned else ""),
+            table(
+                ("RULE", "POLICY", "MATCHED", "ADJUSTED", "UNCHANGED", "FORBIDDEN", "FAILED"),
+                [
+                    (
+                        r.name,
+                        r.policy,
+                        str(r.matched),
+                        str(r.adjusted + r.planned) + (" (would)" if r.planned else ""),
+                        str(r.unchanged),
+                        str(r.forbidden),
+                        str(r.failed),
+                    )
+                    for r in oom.rules
+                ],
+            ),
+        ]
+        out += [f"  {f.rule}: pid {f.pid} {f.comm}: {f.state}: {f.message}" for f in oom.failures]
     return "\n".join(out)

@@ -83,9 +83,31 @@ class UnreadableEntry(ReportModel):
     reason: str
 
 
+class PredictedVictim(ReportModel):
+    pid: int
+    comm: str
+    oom_score_adj: int
+    score: int = Field(description="The kernel's oom_badness in pages (may be negative).")
+    rss_bytes: int
+    pod: str | None = Field(default=None, description="namespace/name, or the pod UID.")
+
+
+class OomPreview(ReportModel):
+    """Who the OOM killer would take next, computed with the kernel's own formula."""
+
+    scope: str = Field(description="`node`, or the memory cgroup the preview is for.")
+    total_pages: int = Field(description="RAM + swap, or the cgroup's limit, in pages.")
+    predicted_victims: list[PredictedVictim] = Field(description="Next victim first.")
+    badness_truncation_risk: bool = Field(
+        description="Kernel before 5.9 and processes with negative oom_score_adj: ties at "
+        "score 1 are broken by scan order, not size, so the order is uncertain."
+    )
+
+
 class HostReport(ReportModel):
     memory: MemorySummary
     shmem: ShmemSummary
+    oom: OomPreview | None = None
     unreadable_processes: int = Field(
         description="Processes whose fds, maps or namespaces could not be read."
     )
@@ -145,6 +167,40 @@ class CleanupStatus(ReportModel):
     errors: list[str] = Field(default_factory=list)
 
 
+class OomRuleStatus(ReportModel):
+    name: str
+    policy: str
+    matched: int = 0
+    adjusted: int = 0
+    unchanged: int = 0
+    forbidden: int = 0
+    failed: int = 0
+    planned: int = 0
+
+
+class OomFailure(ReportModel):
+    pid: int
+    comm: str
+    rule: str
+    state: str = Field(description="Forbidden or Failed.")
+    message: str
+
+
+class OomStatus(ReportModel):
+    """oom_score_adj rules: how many processes matched and what became of them."""
+
+    matched: int = 0
+    adjusted: int = 0
+    unchanged: int = 0
+    forbidden: int = 0
+    failed: int = 0
+    planned: int = Field(default=0, description="Dry run: processes that would be adjusted.")
+    rules: list[OomRuleStatus] = Field(default_factory=list)
+    failures: list[OomFailure] = Field(
+        default_factory=list, description="The first processes that could not be adjusted."
+    )
+
+
 class ApplyReport(ReportModel):
     """`nodemem apply --json`: the policies in force and every item's state."""
 
@@ -152,3 +208,4 @@ class ApplyReport(ReportModel):
     dry_run: bool
     tmpfs: list[TmpfsStatus]
     cleanup: list[CleanupStatus]
+    oom: OomStatus

@@ -1,4 +1,4 @@
-"""Applying one node's effective policy through host/: tmpfs limits and cleanups.
+"""Applying one node's effective policy through host/: tmpfs limits, cleanups, OOM rules.
 
 Every item gets a state; nothing one item does (or fails to do) stops the others.
 """
@@ -13,6 +13,8 @@ from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
 from nodemem.host.tmpfs_limits import LimitResult, LimitState, apply_limit, find_targets
 from nodemem.policy.effective import EffectiveCleanup, EffectivePolicy, EffectiveTmpfs
+from nodemem.policy.oom import OomResult, apply_oom_rules
+from nodemem.policy.pods import PodDirectory
 
 # States that mean "the policy could not be enforced here": exit status 1, condition Degraded.
 FAILED_TMPFS_STATES = frozenset({LimitState.REFUSED, LimitState.FAILED})
@@ -35,11 +37,14 @@ class CleanupOutcome:
 class ApplyResult:
     tmpfs: list[TmpfsOutcome] = field(default_factory=list)
     cleanup: list[CleanupOutcome] = field(default_factory=list)
+    oom: OomResult = field(default_factory=OomResult)
 
     @property
     def failed(self) -> bool:
-        return any(o.result.state in FAILED_TMPFS_STATES for o in self.tmpfs) or any(
-            o.result.errors for o in self.cleanup
+        return (
+            any(o.result.state in FAILED_TMPFS_STATES for o in self.tmpfs)
+            or any(o.result.errors for o in self.cleanup)
+            or self.oom.failed
         )
 
 
@@ -105,11 +110,14 @@ def apply_policy(
     dry_run: bool,
     cleanups: Sequence[EffectiveCleanup] = (),
     held_open: Mapping[tuple[int, int], Sequence[Holder]] | None = None,
+    pods: PodDirectory | None = None,
 ) -> ApplyResult:
-    """Apply tmpfs limits, then run `cleanups` (the rules that are due, or all when asked)."""
+    """Apply tmpfs limits, run `cleanups` (the rules that are due, or all when asked),
+    then set oom_score_adj on every running process a rule matches."""
     result = ApplyResult()
     for item in effective.tmpfs:
         result.tmpfs.extend(apply_tmpfs(paths, item, dry_run=dry_run))
     if cleanups:
         result.cleanup = apply_cleanups(paths, cleanups, held_open or {}, dry_run=dry_run)
+    result.oom = apply_oom_rules(paths, effective.oom, pods or PodDirectory(), dry_run=dry_run)
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from nodemem.api.report import (
     ApplyReport,
     CleanupStatus,
@@ -9,7 +11,12 @@ from nodemem.api.report import (
     HeldOpenFile,
     HostReport,
     MemorySummary,
+    OomFailure,
+    OomPreview,
+    OomRuleStatus,
+    OomStatus,
     PolicyRef,
+    PredictedVictim,
     ProcessRef,
     ShmemByKind,
     ShmemItem,
@@ -17,14 +24,21 @@ from nodemem.api.report import (
     TmpfsStatus,
     UnreadableEntry,
 )
+from nodemem.host.identity import read_identity
+from nodemem.host.oom_adj import AdjState
+from nodemem.host.oom_predict import OomPrediction
+from nodemem.host.paths import HostPaths
+from nodemem.host.procfs import ProcessGone, ProcessUnreadable
 from nodemem.host.shmem import NodeScan
 from nodemem.policy.apply import ApplyResult, CleanupOutcome, TmpfsOutcome
-from nodemem.policy.effective import EffectivePolicy
+from nodemem.policy.effective import EffectiveOomRule, EffectivePolicy
+from nodemem.policy.oom import FAILED_ADJ_STATES, PLANNED, OomResult
+from nodemem.policy.pods import PodDirectory
 
 MAX_UNREADABLE_LISTED = 20
 
 
-def host_report(scan: NodeScan, top: int = 10) -> HostReport:
+def host_report(scan: NodeScan, top: int = 10, oom: OomPreview | None = None) -> HostReport:
     memory = scan.memory
     shmem = scan.shmem
     by_kind = shmem.by_kind()
@@ -68,6 +82,7 @@ def host_report(scan: NodeScan, top: int = 10) -> HostReport:
                 for f in shmem.deleted_open_files[:top]
             ],
         ),
+        oom=oom,
         unreadable_processes=scan.unreadable_processes,
         unreadable=[
             UnreadableEntry(pid=u.pid, comm=u.comm, what=u.what, reason=u.reason)
@@ -117,10 +132,63 @@ def cleanup_status(outcome: CleanupOutcome) -> CleanupStatus:
     )
 
 
+def oom_status(rules: Sequence[EffectiveOomRule], result: OomResult) -> OomStatus:
+    def counts(states: Mapping[str, int]) -> dict[str, int]:
+        return {
+            "matched": sum(states.values()),
+            "adjusted": states.get(AdjState.ADJUSTED.value, 0),
+            "unchanged": states.get(AdjState.UNCHANGED.value, 0),
+            "forbidden": states.get(AdjState.FORBIDDEN.value, 0),
+            "failed": states.get(AdjState.FAILED.value, 0) + states.get(AdjState.REFUSED.value, 0),
+            "planned": states.get(PLANNED, 0),
+        }
+
+    return OomStatus(
+        **counts(result.states),
+        rules=[
+            OomRuleStatus(name=r.name, policy=r.policy, **counts(result.per_rule.get(r.name, {})))
+            for r in rules
+        ],
+        failures=[
+            OomFailure(pid=o.pid, comm=o.comm, rule=o.rule, state=o.state, message=o.message)
+            for o in result.outcomes
+            if o.state in FAILED_ADJ_STATES
+        ][:MAX_FILES_LISTED],
+    )
+
+
 def apply_report(effective: EffectivePolicy, result: ApplyResult, *, dry_run: bool) -> ApplyReport:
     return ApplyReport(
         policies=[PolicyRef(name=p.name, generation=p.generation) for p in effective.policies],
         dry_run=dry_run,
         tmpfs=[tmpfs_status(o) for o in result.tmpfs],
         cleanup=[cleanup_status(o) for o in result.cleanup],
+        oom=oom_status(effective.oom, result.oom),
+    )
+
+
+def oom_preview(paths: HostPaths, prediction: OomPrediction, pods: PodDirectory) -> OomPreview:
+    def pod_of(pid: int) -> str | None:
+        try:
+            uid = read_identity(paths, pid).pod_uid
+        except (ProcessGone, ProcessUnreadable):
+            return None
+        pod = pods.get(uid)
+        return f"{pod.namespace}/{pod.name}" if pod else uid
+
+    return OomPreview(
+        scope=prediction.scope,
+        total_pages=prediction.totalpages,
+        predicted_victims=[
+            PredictedVictim(
+                pid=c.pid,
+                comm=c.comm,
+                oom_score_adj=c.oom_score_adj,
+                score=c.score,
+                rss_bytes=c.rss_bytes,
+                pod=pod_of(c.pid),
+            )
+            for c in prediction.victims
+        ],
+        badness_truncation_risk=prediction.badness_truncation_risk,
     )
