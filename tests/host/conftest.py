@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from memcg_helpers import MEMORY_V1, remove_cgroup_tree
 
 HOLDER = Path(__file__).with_name("shmem_holder.py")
 
@@ -108,3 +110,16 @@ def holder() -> Iterator[Holder]:
 
 def _remove_segment(shmid: int) -> None:
     subprocess.run(["ipcrm", "-m", str(shmid)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def memcg_root() -> Iterator[Path]:
+    """This test's own v1 memory cgroup; it and everything below it are removed after."""
+    if not (MEMORY_V1 / "cgroup.procs").is_file():
+        pytest.skip("no cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
+    top = MEMORY_V1 / f"nodemem-test-{secrets.token_hex(4)}"
+    top.mkdir()
+    try:
+        yield top
+    finally:
+        remove_cgroup_tree(top)

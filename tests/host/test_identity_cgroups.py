@@ -7,47 +7,17 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from memcg_helpers import joining
 
 from nodemem.host.identity import read_identity
 from nodemem.host.paths import HostPaths
 
 pytestmark = pytest.mark.privileged
-
-MEMORY_V1 = Path("/sys/fs/cgroup/memory")
-
-
-def _remove_cgroup_tree(top: Path, timeout: float = 10.0) -> None:
-    """rmdir children first; a cgroup refuses (EBUSY) until its last task is gone."""
-    deadline = time.monotonic() + timeout
-    for current, _dirs, _files in os.walk(top, topdown=False):
-        while True:
-            try:
-                os.rmdir(current)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)  # poll: tasks are still exiting
-
-
-@pytest.fixture
-def test_cgroup() -> Iterator[Path]:
-    if not (MEMORY_V1 / "cgroup.procs").is_file():
-        pytest.skip("no cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
-    top = MEMORY_V1 / f"nodemem-test-{secrets.token_hex(4)}"
-    top.mkdir()
-    try:
-        yield top
-    finally:
-        _remove_cgroup_tree(top)
 
 
 @pytest.fixture
@@ -61,14 +31,8 @@ def spawn_in() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def _sleep_in(cgroup: Path, processes: list[subprocess.Popen[bytes]]) -> int:
-    procs_file = str(cgroup / "cgroup.procs")
-
-    def join_cgroup() -> None:  # runs in the child before exec
-        with open(procs_file, "w") as file:
-            file.write(str(os.getpid()))
-
     # preexec_fn is unsafe with threads; this test process starts none.
-    process = subprocess.Popen(["sleep", "60"], preexec_fn=join_cgroup)  # noqa: PLW1509
+    process = subprocess.Popen(["sleep", "60"], preexec_fn=joining(cgroup))  # noqa: PLW1509
     processes.append(process)
     return process.pid
 
@@ -84,18 +48,18 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("driver", sorted(LAYOUTS))
 def test_identity_from_a_kubelet_like_cgroup(
-    driver: str, test_cgroup: Path, spawn_in: list[subprocess.Popen[bytes]]
+    driver: str, memcg_root: Path, spawn_in: list[subprocess.Popen[bytes]]
 ) -> None:
     pod_uid = str(uuid.uuid4())
     container_id = secrets.token_hex(32)
     relative = LAYOUTS[driver].format(uid=pod_uid, uid_=pod_uid.replace("-", "_"), cid=container_id)
-    cgroup = test_cgroup / relative
+    cgroup = memcg_root / relative
     cgroup.mkdir(parents=True)
     pid = _sleep_in(cgroup, spawn_in)
 
     identity = read_identity(HostPaths(), pid)
 
-    assert identity.cgroup == f"/{test_cgroup.name}/{relative}"
+    assert identity.cgroup == f"/{memcg_root.name}/{relative}"
     assert identity.pod_uid == pod_uid
     assert identity.container_id == container_id
     assert identity.qos_class == "Burstable"

@@ -11,7 +11,6 @@ must be that prediction's first. The limit confines the OOM to this cgroup.
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from memcg_helpers import joining
 
 from nodemem.host.oom_adj import AdjState, set_oom_score_adj
 from nodemem.host.oom_predict import OomPrediction, predict_victims
@@ -28,7 +28,6 @@ from nodemem.host.paths import HostPaths
 
 pytestmark = pytest.mark.privileged
 
-MEMORY_V1 = Path("/sys/fs/cgroup/memory")
 MIB = 1 << 20
 LIMIT = 256 * MIB
 PATHS = HostPaths()
@@ -74,31 +73,10 @@ KILLS = 3
 TEST_DEADLINE_S = 40.0
 
 
-def _remove_cgroup(path: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:  # EBUSY until the last task has exited
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 @pytest.fixture
-def memcg() -> Iterator[Path]:
-    if not (MEMORY_V1 / "cgroup.procs").is_file():
-        pytest.skip("no cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
-    path = MEMORY_V1 / f"nodemem-test-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
-        (path / "memory.limit_in_bytes").write_text(str(LIMIT))
-        yield path
-    finally:
-        _remove_cgroup(path)
+def memcg(memcg_root: Path) -> Path:
+    (memcg_root / "memory.limit_in_bytes").write_text(str(LIMIT))
+    return memcg_root
 
 
 @pytest.fixture
@@ -121,18 +99,13 @@ def _oom_kills(memcg: Path) -> int:
 
 
 def _start(worker: Worker, memcg: Path) -> subprocess.Popen[bytes]:
-    procs_file = str(memcg / "cgroup.procs")
-
-    def join_cgroup() -> None:  # in the child before exec: everything it allocates is charged
-        with open(procs_file, "w") as file:
-            file.write(str(os.getpid()))
-
+    # Joined before exec: everything it allocates is charged to the memcg.
     # preexec_fn is unsafe with threads; this test process starts none.
     return subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", WORKER, str(worker.size), str(worker.step), "10"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        preexec_fn=join_cgroup,  # noqa: PLW1509
+        preexec_fn=joining(memcg),  # noqa: PLW1509
     )
 
 
