@@ -33,7 +33,15 @@ def report_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:  # type
 
 def test_json_has_the_documented_shape_and_adds_up(capsys: pytest.CaptureFixture[str]) -> None:
     report = report_json(capsys)
-    assert set(report) == {"memory", "shmem", "unreadableProcesses", "unreadable"}
+    assert set(report) == {"memory", "shmem", "oom", "unreadableProcesses", "unreadable"}
+    oom = report["oom"]
+    assert oom["scope"] == "node"
+    assert isinstance(oom["badnessTruncationRisk"], bool)
+    scores = [victim["score"] for victim in oom["predictedVictims"]]
+    assert scores == sorted(scores, reverse=True)
+    for victim in oom["predictedVictims"]:
+        assert set(victim) == {"pid", "comm", "oomScoreAdj", "score", "rssBytes", "pod"}
+        assert victim["pid"] != 1
     assert set(report["memory"]) == MEMORY_KEYS
     shmem = report["shmem"]
     assert set(shmem["byKind"]) == {"tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"}
