@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nodemem.agent.loop import AgentSettings, NodeAgent
+from nodemem.agent.policy_file import PolicyFile
 from nodemem.api.manifest import PolicyError, load_policies
 from nodemem.host.meminfo import read_meminfo
 from nodemem.host.oom_predict import predict_victims
@@ -108,6 +112,22 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_NOT_APPLIED if result.failed else EXIT_OK
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    source = PolicyFile(args.policy_file)
+    agent = NodeAgent(
+        _host_paths(args),
+        source,
+        node_labels=args.node_labels,
+        pods=_pods(args),
+        settings=AgentSettings(resync_seconds=args.resync, dry_run=args.dry_run),
+    )
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: agent.stop())
+    agent.run()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nodemem", description="Node memory and OOM policy: where the memory went."
@@ -147,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _add_host_options(apply)
     apply.set_defaults(func=cmd_apply)
+
+    agent = commands.add_parser(
+        "agent",
+        help="run the node agent without a cluster, from a policy file",
+        description="Applies the policy file (tmpfs limits, oom rules, cleanups on their "
+        "schedule), keeps applying oom rules to every new process, and re-reads the file "
+        "when it changes. Ctrl-C or SIGTERM stops it.",
+    )
+    agent.add_argument("--policy-file", required=True, help="NodeMemoryPolicy manifest (YAML)")
+    agent.add_argument("--dry-run", action="store_true", help="plan and log, change nothing")
+    agent.add_argument(
+        "--node-labels", type=_node_labels, default={}, metavar="K=V,...", help="node labels"
+    )
+    agent.add_argument(
+        "--resync", type=float, default=30.0, metavar="SECONDS", help="full resync interval"
+    )
+    _add_host_options(agent)
+    agent.set_defaults(func=cmd_agent)
     return parser
 
 

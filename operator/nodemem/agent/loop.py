@@ -1,0 +1,211 @@
+"""The node agent's reconcile loop, one thread: policy in, enforcement, exec events.
+
+Woken by: a policy change, an exec event from the proc connector (oom rules for the
+new process), a cleanup deadline, and the resync timer. Without the proc connector
+the resync timer rescans every process instead (the polling fallback).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from nodemem.api.policy import NodeMemoryPolicy
+from nodemem.host.meminfo import read_meminfo
+from nodemem.host.paths import HostPaths
+from nodemem.host.proc_connector import (
+    EventType,
+    LostEvents,
+    ProcConnector,
+    ProcConnectorUnavailable,
+)
+from nodemem.host.shmem import scan_node
+from nodemem.policy.apply import ApplyResult, apply_cleanups, apply_tmpfs
+from nodemem.policy.effective import EffectivePolicy, effective_policy
+from nodemem.policy.oom import OomResult, apply_oom_rules, apply_to_process
+from nodemem.policy.pods import PodDirectory
+from nodemem.policy.schedule import CleanupClock
+
+log = logging.getLogger("nodemem.agent")
+
+# A policy source returns the current policies, or None when they have not changed.
+PolicySource = Callable[[], Sequence[NodeMemoryPolicy] | None]
+
+
+@dataclass
+class AgentSettings:
+    resync_seconds: float = 30.0
+    poll_seconds: float = 1.0  # how often the policy source is asked for changes
+    dry_run: bool = False
+    use_proc_connector: bool = True
+
+
+@dataclass
+class AgentState:
+    """What the loop knows and last did; read by tests and the report writer."""
+
+    effective: EffectivePolicy | None = None
+    last_apply: ApplyResult | None = None
+    exec_oom: OomResult = field(default_factory=OomResult)
+    connector_active: bool = False
+    resyncs: int = 0
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        paths: HostPaths,
+        policies: PolicySource,
+        *,
+        node_labels: dict[str, str] | None = None,
+        pods: PodDirectory | None = None,
+        settings: AgentSettings | None = None,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.paths = paths
+        self.policies = policies
+        self.node_labels = node_labels or {}
+        self.pods = pods or PodDirectory()
+        self.settings = settings or AgentSettings()
+        self.state = AgentState()
+        self.clock = CleanupClock()
+        self.stopping = threading.Event()
+        self.wall_clock = wall_clock  # cron deadlines; tests move it
+        self.memory_total = read_meminfo(paths)["MemTotal"]
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        connector = self._open_connector()
+        try:
+            self._loop(connector)
+        finally:
+            if connector is not None:
+                connector.close()  # sends IGNORE: the kernel's listener count stays right
+            self.state.connector_active = False
+
+    def _open_connector(self) -> ProcConnector | None:
+        if not self.settings.use_proc_connector:
+            return None
+        try:
+            connector = ProcConnector()
+            connector.subscribe()
+        except ProcConnectorUnavailable as exc:
+            log.warning("proc connector unavailable (%s): oom rules rescan every resync", exc)
+            return None
+        self.state.connector_active = True
+        return connector
+
+    def _loop(self, connector: ProcConnector | None) -> None:
+        next_resync = 0.0  # resync at once
+        next_poll = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + self.settings.poll_seconds
+                changed = self._refresh_policy()
+                if changed:
+                    next_resync = now  # a new policy is applied at once
+            if now >= next_resync:
+                next_resync = now + self.settings.resync_seconds
+                self.resync()
+            self._run_due_cleanups()
+            timeout = max(0.0, min(next_poll, next_resync) - time.monotonic())
+            deadline = self.clock.next_deadline()
+            if deadline is not None:
+                until = (deadline - self.wall_clock()).total_seconds()
+                timeout = max(0.0, min(timeout, until))
+            self._wait(connector, timeout)
+
+    def _wait(self, connector: ProcConnector | None, timeout: float) -> None:
+        if connector is None:
+            self.stopping.wait(timeout)
+            return
+        # Wake at least every 0.2 s so that stop() is noticed promptly.
+        ready, _, _ = select.select([connector.fileno()], [], [], min(timeout, 0.2))
+        if ready:
+            self._handle_events(connector)
+
+    def _handle_events(self, connector: ProcConnector) -> None:
+        effective = self.state.effective
+        for event in connector.read_events():
+            if isinstance(event, LostEvents):
+                log.warning("proc connector lost events: rescanning every process")
+                self._apply_oom_everywhere()
+                continue
+            if event.what is EventType.EXEC and effective is not None and effective.oom:
+                outcome = apply_to_process(
+                    self.paths, event.tgid, effective.oom, self.pods, dry_run=self.settings.dry_run
+                )
+                if outcome is not None:
+                    self.state.exec_oom.record(outcome)
+
+    # -- steps ------------------------------------------------------------------------
+
+    def _refresh_policy(self) -> bool:
+        policies = self.policies()
+        if policies is None:
+            return False
+        effective = effective_policy(policies, self.node_labels, self.memory_total)
+        self.state.effective = effective
+        self.clock.track(
+            {item.name: item.item.schedule for item in effective.cleanup}, self.wall_clock()
+        )
+        names = ", ".join(f"{p.name}/{p.generation}" for p in effective.policies) or "none"
+        log.info("policies in force: %s", names)
+        return True
+
+    def resync(self) -> None:
+        """Enforce everything once: tmpfs limits, then oom rules on every process."""
+        effective = self.state.effective
+        if effective is None:
+            return
+        result = ApplyResult()
+        for item in effective.tmpfs:
+            result.tmpfs.extend(apply_tmpfs(self.paths, item, dry_run=self.settings.dry_run))
+        result.oom = self._apply_oom_everywhere()
+        self.state.last_apply = result
+        self.state.resyncs += 1
+        for outcome in result.tmpfs:
+            log.info(
+                "tmpfs %s: %s %s", outcome.result.path, outcome.result.state, outcome.result.message
+            )
+        log.info("oom rules: %d matched, states %s", result.oom.matched, dict(result.oom.states))
+
+    def _apply_oom_everywhere(self) -> OomResult:
+        effective = self.state.effective
+        if effective is None or not effective.oom:
+            return OomResult()
+        return apply_oom_rules(self.paths, effective.oom, self.pods, dry_run=self.settings.dry_run)
+
+    def _run_due_cleanups(self) -> None:
+        effective = self.state.effective
+        if effective is None:
+            return
+        now = self.wall_clock()
+        due = set(self.clock.due_now(now))
+        if not due:
+            return
+        items = [item for item in effective.cleanup if item.name in due]
+        held_open = scan_node(self.paths).open_tmpfs_files
+        outcomes = apply_cleanups(self.paths, items, held_open, dry_run=self.settings.dry_run)
+        for outcome in outcomes:
+            self.clock.ran(outcome.result.name, now)
+            log.info(
+                "cleanup %s: %d files, %d bytes removed, %d held open, %d errors",
+                outcome.result.name,
+                outcome.result.files_removed,
+                outcome.result.bytes_removed,
+                len(outcome.result.held_open),
+                len(outcome.result.errors),
+            )
+        if self.state.last_apply is not None:
+            self.state.last_apply.cleanup = outcomes
