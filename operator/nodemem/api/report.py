@@ -199,6 +199,10 @@ class OomStatus(ReportModel):
     failures: list[OomFailure] = Field(
         default_factory=list, description="The first processes that could not be adjusted."
     )
+    predicted_victims: list[PredictedVictim] = Field(
+        default_factory=list, description="Node report: the next OOM victims, next first."
+    )
+    badness_truncation_risk: bool = False
 
 
 class ApplyReport(ReportModel):
