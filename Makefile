@@ -32,6 +32,7 @@ test: lint unit
 bench: $(STAMP)
 	$(PY) bench/scan.py
 	$(PY) bench/cleanup.py
+	$(PY) bench/exec_latency.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
