@@ -233,3 +233,16 @@ def test_covered_mount_without_a_pinning_file_is_flagged_not_misread(mount_tmpfs
     assert covered.bytes == 0
     assert "usage not reachable" in covered.note
     assert within_one_percent(top.bytes, 4 * MiB)  # the upper one, read once
+
+
+def test_object_held_from_a_pod_cgroup_names_the_pod(holder, memcg_root) -> None:
+    pod_uid = "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"
+    cgroup = memcg_root / "kubepods" / "besteffort" / f"pod{pod_uid}" / ("ab" * 32)
+    cgroup.mkdir(parents=True)
+    info = holder("memfd", 4 * MiB, "nodemem-test-pod")
+    (cgroup / "cgroup.procs").write_text(str(info["pid"]))
+    try:
+        obj = find(scan_node(), lambda o: o.name == "memfd:nodemem-test-pod")
+        assert obj.pod == pod_uid
+    finally:  # back out, so that the cgroup can be removed once the holder is gone
+        (memcg_root.parent / "cgroup.procs").write_text(str(info["pid"]))

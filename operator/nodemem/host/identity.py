@@ -176,6 +176,12 @@ def _pod_from_lines(chosen: str, lines: tuple[CgroupLine, ...]) -> PodCgroup:
     return _NO_POD
 
 
+def read_pod_cgroup(paths: HostPaths, pid: int) -> PodCgroup:
+    """The pod and container a process runs in, from its cgroup alone (cheap: one read)."""
+    lines = parse_cgroup_file(_read_bytes(paths, pid, "cgroup").decode(errors="replace"))
+    return _pod_from_lines(matching_cgroup(lines), lines)
+
+
 def _read_bytes(paths: HostPaths, pid: int, name: str) -> bytes:
     try:
         with open(paths.proc(pid, name), "rb") as file:

@@ -20,6 +20,7 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from nodemem.host.identity import read_pod_cgroup
 from nodemem.host.meminfo import MemoryBreakdown, breakdown, read_meminfo
 from nodemem.host.mounts import TMPFS_MAGIC, Mount, parse_mountinfo
 from nodemem.host.paths import HostPaths
@@ -506,6 +507,22 @@ class _Scanner:
                     obj.pod = volume.pod_uid
                     break
 
+    def pods_from_holders(self) -> None:
+        """An object whose holders all run in one pod belongs to that pod."""
+        pod_of: dict[int, str | None] = {}
+        for obj in self.objects.values():
+            if obj.pod is not None or not obj.holders:
+                continue
+            for pid in obj.holders:
+                if pid not in pod_of:
+                    try:
+                        pod_of[pid] = read_pod_cgroup(self.paths, pid).pod_uid
+                    except (ProcessGone, ProcessUnreadable):
+                        pod_of[pid] = None
+            pods = {pod_of[pid] for pid in obj.holders}
+            if len(pods) == 1:
+                obj.pod = pods.pop()
+
 
 def _superblock_name(scanner: _Scanner, sb: _Superblock) -> str:
     own = [m for pid, m in sb.mounts if pid in scanner.mnt_ns.get(scanner.own_mnt or -1, ())]
@@ -557,6 +574,7 @@ def scan_node(paths: HostPaths | None = None) -> NodeScan:
             scanner.scan_maps(pid)
     scanner.scan_sysv()
     scanner.finish_superblocks()
+    scanner.pods_from_holders()
     objects = sorted(scanner.objects.values(), key=lambda obj: (-obj.bytes, obj.kind, obj.name))
     process_rss = sum(status.rss_bytes for status in scanner.processes.values())
     return NodeScan(
