@@ -24,6 +24,13 @@ from nodemem.api.report import (
     TmpfsStatus,
     UnreadableEntry,
 )
+from nodemem.api.status import (
+    Condition,
+    ConditionStatus,
+    NodeMemoryReportStatus,
+    now_rfc3339,
+    set_condition,
+)
 from nodemem.host.identity import read_identity
 from nodemem.host.oom_adj import AdjState
 from nodemem.host.oom_predict import OomPrediction
@@ -143,17 +150,22 @@ def oom_status(rules: Sequence[EffectiveOomRule], result: OomResult) -> OomStatu
             "planned": states.get(PLANNED, 0),
         }
 
-    return OomStatus(
-        **counts(result.states),
-        rules=[
-            OomRuleStatus(name=r.name, policy=r.policy, **counts(result.per_rule.get(r.name, {})))
-            for r in rules
-        ],
-        failures=[
-            OomFailure(pid=o.pid, comm=o.comm, rule=o.rule, state=o.state, message=o.message)
-            for o in result.outcomes
-            if o.state in FAILED_ADJ_STATES
-        ][:MAX_FILES_LISTED],
+    failures = [
+        OomFailure(pid=o.pid, comm=o.comm, rule=o.rule, state=o.state, message=o.message)
+        for o in result.outcomes
+        if o.state in FAILED_ADJ_STATES
+    ]
+    return OomStatus.model_validate(
+        {
+            **counts(result.states),
+            "rules": [
+                OomRuleStatus(
+                    name=r.name, policy=r.policy, **counts(result.per_rule.get(r.name, {}))
+                )
+                for r in rules
+            ],
+            "failures": failures[:MAX_FILES_LISTED],
+        }
     )
 
 
@@ -191,4 +203,73 @@ def oom_preview(paths: HostPaths, prediction: OomPrediction, pods: PodDirectory)
             for c in prediction.victims
         ],
         badness_truncation_risk=prediction.badness_truncation_risk,
+    )
+
+
+def node_report_status(
+    effective: EffectivePolicy,
+    applied: ApplyResult,
+    host: HostReport,
+    cleanups: Sequence[CleanupStatus],
+    previous: Sequence[Condition] = (),
+    *,
+    now: str | None = None,
+) -> NodeMemoryReportStatus:
+    """The NodeMemoryReport status: what is in force, each item's state, the memory.
+
+    `cleanups` are the latest results per rule (cleanups run on their own schedule, not
+    every cycle); `previous` conditions keep their transition times when unchanged.
+    """
+    now = now or now_rfc3339()
+    oom = oom_status(effective.oom, applied.oom)
+    if host.oom is not None:
+        oom.predicted_victims = host.oom.predicted_victims
+        oom.badness_truncation_risk = host.oom.badness_truncation_risk
+    tmpfs = [tmpfs_status(o) for o in applied.tmpfs]
+    failures = [t for t in tmpfs if t.state in ("Refused", "Failed")]
+    failed_cleanups = [c for c in cleanups if c.errors]
+    conditions = list(previous)
+    applied_condition: tuple[ConditionStatus, str, str]
+    degraded: tuple[ConditionStatus, str, str]
+    leak: tuple[ConditionStatus, str, str]
+    if failures or failed_cleanups or oom.forbidden or oom.failed:
+        what = [f"tmpfs {t.path} {t.state}" for t in failures]
+        what += [f"cleanup {c.name}: {len(c.errors)} errors" for c in failed_cleanups]
+        if oom.forbidden or oom.failed:
+            what.append(f"oom: {oom.forbidden} forbidden, {oom.failed} failed")
+        message = "; ".join(what)
+        applied_condition = ("False", "ItemsFailed", message)
+        degraded = ("True", "ItemsFailed", message)
+    else:
+        applied_condition = ("True", "AllItemsApplied", "")
+        degraded = ("False", "NoFailures", "")
+    threshold = effective.unaccounted_shmem_threshold
+    unaccounted = host.shmem.unaccounted_bytes
+    if threshold is None:
+        leak = ("Unknown", "NoThreshold", "no policy sets shmem.unaccountedThreshold")
+    elif unaccounted > threshold.bytes:
+        leak = (
+            "True",
+            "UnaccountedAboveThreshold",
+            f"{unaccounted} bytes of Shmem are in no known object (threshold {threshold.bytes}, "
+            f"policy {threshold.policy})",
+        )
+    else:
+        leak = ("False", "BelowThreshold", "")
+    for type_, (status, reason, message) in (
+        ("Applied", applied_condition),
+        ("Degraded", degraded),
+        ("ShmemLeakSuspected", leak),
+    ):
+        conditions = set_condition(conditions, type_, status, reason, message, now=now)
+    return NodeMemoryReportStatus(
+        policies=[PolicyRef(name=p.name, generation=p.generation) for p in effective.policies],
+        memory=host.memory,
+        shmem=host.shmem,
+        unreadable_processes=host.unreadable_processes,
+        tmpfs=tmpfs,
+        cleanup=list(cleanups),
+        oom=oom,
+        conditions=conditions,
+        last_update_time=now,
     )
