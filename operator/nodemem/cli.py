@@ -9,13 +9,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import kopf
+from kubernetes import client as k8s
+
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.policy_file import PolicyFile
 from nodemem.api.manifest import PolicyError, load_policies
+from nodemem.controller.operator import Controller, ControllerSettings
 from nodemem.host.meminfo import read_meminfo
 from nodemem.host.oom_predict import predict_victims
 from nodemem.host.paths import HostPaths
 from nodemem.host.shmem import scan_node
+from nodemem.kube import kopf_login, load_client_config
 from nodemem.policy.apply import apply_policy
 from nodemem.policy.effective import effective_policy
 from nodemem.policy.pods import PodDirectory, PodsFileError, load_pods_file
@@ -128,6 +133,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_controller(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configuration = load_client_config(args.kubeconfig)
+    controller = Controller(
+        k8s.ApiClient(configuration), ControllerSettings(interval=args.interval)
+    )
+    kopf.run(
+        registry=controller.registry(kopf_login(configuration)),
+        clusterwide=True,
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nodemem", description="Node memory and OOM policy: where the memory went."
@@ -185,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_host_options(agent)
     agent.set_defaults(func=cmd_agent)
+
+    controller = commands.add_parser(
+        "controller",
+        help="run the controller: validate policies, roll node reports up into their status",
+    )
+    controller.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
+    controller.add_argument(
+        "--health-port", type=int, default=8080, help="port of the /healthz liveness endpoint"
+    )
+    controller.add_argument(
+        "--peering",
+        metavar="NAME",
+        help="kopf peering object for leader election between replicas (default: standalone)",
+    )
+    controller.add_argument(
+        "--interval", type=float, default=1.0, help="shortest time between two roll-ups (s)"
+    )
+    controller.set_defaults(func=cmd_controller)
     return parser
 
 
