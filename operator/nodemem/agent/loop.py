@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from nodemem.api.policy import NodeMemoryPolicy
+from nodemem.api.report import CleanupStatus
 from nodemem.host.meminfo import read_meminfo
 from nodemem.host.paths import HostPaths
 from nodemem.host.proc_connector import (
@@ -29,6 +30,7 @@ from nodemem.policy.apply import ApplyResult, apply_cleanups, apply_tmpfs
 from nodemem.policy.effective import EffectivePolicy, effective_policy
 from nodemem.policy.oom import OomResult, apply_oom_rules, apply_to_process
 from nodemem.policy.pods import PodDirectory
+from nodemem.policy.report import cleanup_status
 from nodemem.policy.schedule import CleanupClock
 
 log = logging.getLogger("nodemem.agent")
@@ -52,6 +54,7 @@ class AgentState:
     effective: EffectivePolicy | None = None
     last_apply: ApplyResult | None = None
     exec_oom: OomResult = field(default_factory=OomResult)
+    cleanups: dict[str, CleanupStatus] = field(default_factory=dict)  # last run per rule
     connector_active: bool = False
     resyncs: int = 0
 
@@ -66,10 +69,14 @@ class NodeAgent:
         pods: PodDirectory | None = None,
         settings: AgentSettings | None = None,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_cycle: Callable[[NodeAgent], None] | None = None,
     ) -> None:
         self.paths = paths
         self.policies = policies
         self.node_labels = node_labels or {}
+        self._labels_changed = False
+        self._last_policies: Sequence[NodeMemoryPolicy] = ()
+        self.on_cycle = on_cycle  # after every resync and cleanup run: the report writer
         self.pods = pods or PodDirectory()
         self.settings = settings or AgentSettings()
         self.state = AgentState()
@@ -80,6 +87,12 @@ class NodeAgent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def set_node_labels(self, labels: dict[str, str]) -> None:
+        """The node's labels changed (from another thread): re-select policies."""
+        if labels != self.node_labels:
+            self.node_labels = labels
+            self._labels_changed = True
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -153,7 +166,11 @@ class NodeAgent:
     def _refresh_policy(self) -> bool:
         policies = self.policies()
         if policies is None:
-            return False
+            if not self._labels_changed:
+                return False
+            policies = self._last_policies
+        self._labels_changed = False
+        self._last_policies = policies
         effective = effective_policy(policies, self.node_labels, self.memory_total)
         self.state.effective = effective
         self.clock.track(
@@ -179,6 +196,14 @@ class NodeAgent:
                 "tmpfs %s: %s %s", outcome.result.path, outcome.result.state, outcome.result.message
             )
         log.info("oom rules: %d matched, states %s", result.oom.matched, dict(result.oom.states))
+        self._cycle_done()
+
+    def _cycle_done(self) -> None:
+        if self.on_cycle is not None:
+            try:
+                self.on_cycle(self)
+            except Exception:  # reporting must never stop enforcement
+                log.exception("reporting failed")
 
     def _apply_oom_everywhere(self) -> OomResult:
         effective = self.state.effective
@@ -199,6 +224,10 @@ class NodeAgent:
         outcomes = apply_cleanups(self.paths, items, held_open, dry_run=self.settings.dry_run)
         for outcome in outcomes:
             self.clock.ran(outcome.result.name, now)
+            status = cleanup_status(outcome)
+            status.last_run = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+            status.next_run = self.clock.due[outcome.result.name].strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.state.cleanups[outcome.result.name] = status
             log.info(
                 "cleanup %s: %d files, %d bytes removed, %d held open, %d errors",
                 outcome.result.name,
@@ -209,3 +238,4 @@ class NodeAgent:
             )
         if self.state.last_apply is not None:
             self.state.last_apply.cleanup = outcomes
+        self._cycle_done()
