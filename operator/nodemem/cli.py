@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import kopf
 from kubernetes import client as k8s
 
 from nodemem.agent.loop import AgentSettings, NodeAgent
+from nodemem.agent.main import ClusterAgentOptions, run_cluster_agent
 from nodemem.agent.policy_file import PolicyFile
 from nodemem.api.manifest import PolicyError, load_policies
 from nodemem.controller.operator import Controller, ControllerSettings
@@ -119,6 +122,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.policy_file is None:
+        return _cluster_agent(args)
     source = PolicyFile(args.policy_file)
     agent = NodeAgent(
         _host_paths(args),
@@ -130,6 +135,29 @@ def cmd_agent(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: agent.stop())
     agent.run()
+    return EXIT_OK
+
+
+def _cluster_agent(args: argparse.Namespace) -> int:
+    node = args.node_name or os.environ.get("NODE_NAME")
+    if not node:
+        print(
+            "nodemem: agent: set NODE_NAME (or --node-name), or give --policy-file", file=sys.stderr
+        )
+        return EXIT_INVALID
+    options = ClusterAgentOptions(
+        node_name=node,
+        state_dir=Path(args.state_dir),
+        metrics_port=args.metrics_port or None,
+        resync_seconds=args.resync,
+        heartbeat_seconds=args.heartbeat,
+        dry_run=args.dry_run,
+        paths=_host_paths(args),
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    run_cluster_agent(options, load_client_config(args.kubeconfig), stop)
     return EXIT_OK
 
 
@@ -191,12 +219,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = commands.add_parser(
         "agent",
-        help="run the node agent without a cluster, from a policy file",
-        description="Applies the policy file (tmpfs limits, oom rules, cleanups on their "
-        "schedule), keeps applying oom rules to every new process, and re-reads the file "
-        "when it changes. Ctrl-C or SIGTERM stops it.",
+        help="run the node agent: in a cluster, or without one from a policy file",
+        description="Applies the policies (tmpfs limits, oom rules, cleanups on their "
+        "schedule), keeps applying oom rules to every new process, and follows changes. "
+        "With --policy-file: no cluster, the file is re-read when it changes. Without it: "
+        "policies from the API, this node's NodeMemoryReport written (node name from "
+        "NODE_NAME). Ctrl-C or SIGTERM stops it.",
     )
-    agent.add_argument("--policy-file", required=True, help="NodeMemoryPolicy manifest (YAML)")
+    agent.add_argument("--policy-file", help="NodeMemoryPolicy manifest (YAML): no cluster")
+    agent.add_argument("--node-name", help="this node (default: $NODE_NAME)")
+    agent.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
+    agent.add_argument(
+        "--state-dir",
+        default="/var/lib/nodemem",
+        help="where the policies in force are kept across restarts and API outages",
+    )
+    agent.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8080,
+        help="port of /metrics, /healthz and /readyz (0: none)",
+    )
+    agent.add_argument(
+        "--heartbeat",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="rewrite the report at least this often, even unchanged",
+    )
     agent.add_argument("--dry-run", action="store_true", help="plan and log, change nothing")
     agent.add_argument(
         "--node-labels", type=_node_labels, default={}, metavar="K=V,...", help="node labels"

@@ -1,0 +1,196 @@
+"""`nodemem agent` in a cluster: wires the loop, the API side, reporting and metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubernetes import client as k8s
+
+from nodemem.agent.cluster import (
+    GROUP,
+    POLICIES,
+    VERSION,
+    Backoff,
+    ClusterPolicies,
+    OwnNode,
+    OwnPods,
+    ReportWriter,
+    run_policy_feed,
+)
+from nodemem.agent.loop import AgentSettings, NodeAgent
+from nodemem.agent.metrics import AgentMetrics, serve
+from nodemem.agent.state_dir import StateDir
+from nodemem.api.status import NodeMemoryReportStatus
+from nodemem.host.oom_predict import predict_victims
+from nodemem.host.paths import HostPaths
+from nodemem.host.shmem import scan_node
+from nodemem.kube import kopf_login
+from nodemem.policy.apply import ApplyResult
+from nodemem.policy.effective import EffectivePolicy
+from nodemem.policy.report import apply_report, host_report, node_report_status, oom_preview
+
+log = logging.getLogger("nodemem.agent")
+
+
+@dataclass
+class ClusterAgentOptions:
+    node_name: str
+    state_dir: Path
+    metrics_port: int | None = 8080
+    resync_seconds: float = 30.0
+    heartbeat_seconds: float = 300.0
+    dry_run: bool = False
+    paths: HostPaths = field(default_factory=HostPaths)
+    metrics_host: str = "0.0.0.0"
+
+
+class Reporter:
+    """After every cycle: attribute Shmem, preview the OOM, write the report if due,
+    post Events for new refusals and a new leak suspicion, update the metrics."""
+
+    def __init__(self, writer: ReportWriter, metrics: AgentMetrics, paths: HostPaths) -> None:
+        self.writer = writer
+        self.metrics = metrics
+        self.paths = paths
+        self._exec_counts: dict[str, Counter[str]] = {}
+        self._cleanup_runs: dict[str, str | None] = {}
+
+    def __call__(self, agent: NodeAgent) -> None:
+        effective = agent.state.effective or EffectivePolicy((), (), (), (), None)
+        applied = agent.state.last_apply or ApplyResult()
+        started = time.perf_counter()
+        scan = scan_node(self.paths)
+        preview = oom_preview(self.paths, predict_victims(self.paths), agent.pods)
+        host = host_report(scan, top=10, oom=preview)
+        self.metrics.observe_host(host, time.perf_counter() - started)
+        self.metrics.observe_apply(apply_report(effective, applied, dry_run=agent.settings.dry_run))
+        self._observe_exec(agent)
+        self._observe_cleanups(agent)
+        status = node_report_status(
+            effective,
+            applied,
+            host,
+            list(agent.state.cleanups.values()),
+            self.writer.previous_conditions,
+        )
+        before = {c.type: c.status for c in self.writer.previous_conditions}
+        if self.writer.write(status):
+            self._post_events(status, before)
+
+    def _observe_exec(self, agent: NodeAgent) -> None:
+        for rule, states in agent.state.exec_oom.per_rule.items():
+            seen = self._exec_counts.setdefault(rule, Counter())
+            for state, count in states.items():
+                for _ in range(count - seen[state]):
+                    self.metrics.observe_exec_adjustment(
+                        rule, failed=state in ("Forbidden", "Failed")
+                    )
+            self._exec_counts[rule] = Counter(states)
+
+    def _observe_cleanups(self, agent: NodeAgent) -> None:
+        for name, status in agent.state.cleanups.items():
+            if self._cleanup_runs.get(name) != status.last_run:
+                self._cleanup_runs[name] = status.last_run
+                self.metrics.observe_cleanup(
+                    name, status.bytes_removed, status.held_open_files, status.dry_run
+                )
+
+    def _post_events(self, status: NodeMemoryReportStatus, before: Mapping[str, str]) -> None:
+        for item in status.tmpfs:
+            if item.state in ("Refused", "Failed"):
+                self.writer.event(f"Tmpfs{item.state}", f"{item.path}: {item.message}")
+        if status.oom is not None:
+            for failure in status.oom.failures:
+                self.writer.event(
+                    f"OomScoreAdj{failure.state}", f"rule {failure.rule}: {failure.message}"
+                )
+        for cleanup in status.cleanup:
+            for error in cleanup.errors[:3]:
+                self.writer.event("CleanupFailed", f"rule {cleanup.name}: {error}")
+        leak = next((c for c in status.conditions if c.type == "ShmemLeakSuspected"), None)
+        if leak is not None and leak.status == "True" and before.get(leak.type) != "True":
+            self.writer.event("ShmemLeakSuspected", leak.message)
+
+
+def run_cluster_agent(
+    options: ClusterAgentOptions,
+    configuration: k8s.Configuration,
+    stop: threading.Event | None = None,
+) -> NodeAgent:
+    """Run until `stop` is set (or the returned agent's stop()); blocks."""
+    stop = stop or threading.Event()
+    api_client = k8s.ApiClient(configuration)
+    core = k8s.CoreV1Api(api_client)
+    metrics = AgentMetrics()
+    policies = ClusterPolicies(StateDir(options.state_dir))
+    writer = ReportWriter(
+        api_client,
+        options.node_name,
+        heartbeat=options.heartbeat_seconds,
+        metrics=metrics,
+    )
+    agent = NodeAgent(
+        options.paths,
+        policies,
+        settings=AgentSettings(resync_seconds=options.resync_seconds, dry_run=options.dry_run),
+        on_cycle=Reporter(writer, metrics, options.paths),
+    )
+    own_node = OwnNode(core, options.node_name, agent.set_node_labels)
+    writer.node_uid = lambda: own_node.uid
+    own_node.run(stop, metrics)
+    OwnPods(core, options.node_name, lambda pods: setattr(agent, "pods", pods)).run(stop, metrics)
+    threading.Thread(
+        target=_list_policies_once, args=(api_client, policies, stop, metrics), daemon=True
+    ).start()
+    feed_stop = threading.Event()
+    feed = run_policy_feed(policies, kopf_login(configuration), feed_stop)
+    server = None
+    if options.metrics_port is not None:
+        server = serve(
+            metrics,
+            options.metrics_port,
+            ready=lambda: agent.state.resyncs > 0,
+            host=options.metrics_host,
+        )
+
+    def stop_agent_when_asked() -> None:
+        stop.wait()
+        agent.stop()
+
+    threading.Thread(target=stop_agent_when_asked, daemon=True).start()
+    try:
+        agent.run()
+    finally:
+        stop.set()
+        feed_stop.set()
+        feed.join(timeout=10)
+        if server is not None:
+            server.shutdown()
+    return agent
+
+
+def _list_policies_once(
+    api_client: k8s.ApiClient,
+    policies: ClusterPolicies,
+    stop: threading.Event,
+    metrics: AgentMetrics,
+) -> None:
+    """One authoritative LIST, so that saved policies deleted during an outage go."""
+    custom = k8s.CustomObjectsApi(api_client)
+    backoff = Backoff()
+    while not stop.is_set():
+        try:
+            listed = custom.list_cluster_custom_object(GROUP, VERSION, POLICIES)
+        except Exception as exc:
+            metrics.api_errors.labels(operation="list policies").inc()
+            log.warning("listing policies failed: %s", exc)
+            backoff.failed(stop)
+            continue
+        policies.replace_all(listed["items"] if isinstance(listed, dict) else [])
+        return
