@@ -1,0 +1,75 @@
+"""The agent's policy feed: what kopf events do to the policies in force, and what
+survives a restart or an API outage (the state directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nodemem.agent.cluster import ClusterPolicies
+from nodemem.agent.state_dir import StateDir
+
+
+def policy(name: str, size: str = "1Gi", generation: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryPolicy",
+        "metadata": {"name": name, "generation": generation, "uid": "u", "resourceVersion": "7"},
+        "spec": {"tmpfs": [{"path": "/dev/shm", "size": size}]},
+        "status": {"observedGeneration": 1},
+    }
+
+
+def names(source: ClusterPolicies) -> list[str] | None:
+    policies = source()
+    return None if policies is None else [p.name for p in policies]
+
+
+def test_events_add_change_and_delete_policies(tmp_path: Path) -> None:
+    source = ClusterPolicies(StateDir(tmp_path))
+    assert names(source) == []  # nothing saved, nothing seen: no policies yet
+    assert names(source) is None  # unchanged since
+    source.on_event(type="ADDED", body=policy("a"), name="a")
+    source.on_event(type=None, body=policy("b"), name="b")  # kopf's initial listing
+    assert names(source) == ["a", "b"]
+    source.on_event(type="MODIFIED", body=policy("a"), name="a")  # no change in content
+    assert names(source) is None
+    source.on_event(type="MODIFIED", body=policy("a", "2Gi", 2), name="a")
+    assert names(source) == ["a", "b"]
+    source.on_event(type="DELETED", body=policy("b"), name="b")
+    assert names(source) == ["a"]
+
+
+def test_an_invalid_policy_is_not_applied(tmp_path: Path) -> None:
+    source = ClusterPolicies(StateDir(tmp_path))
+    source.on_event(type="ADDED", body=policy("a"), name="a")
+    assert names(source) == ["a"]
+    broken = policy("a", size="lots")
+    source.on_event(type="MODIFIED", body=broken, name="a")
+    assert names(source) == []
+
+
+def test_policies_in_force_survive_a_restart(tmp_path: Path) -> None:
+    first = ClusterPolicies(StateDir(tmp_path))
+    first.on_event(type="ADDED", body=policy("a", "3Gi"), name="a")
+    assert names(first) == ["a"]  # in force, and saved
+    restarted = ClusterPolicies(StateDir(tmp_path))  # the API is not reachable yet
+    loaded = restarted()
+    assert loaded is not None
+    assert [(p.name, str(p.spec.tmpfs[0].size)) for p in loaded] == [("a", "3Gi")]
+
+
+def test_a_list_drops_saved_policies_deleted_meanwhile(tmp_path: Path) -> None:
+    ClusterPolicies(StateDir(tmp_path)).on_event(type="ADDED", body=policy("gone"), name="gone")
+    saver = ClusterPolicies(StateDir(tmp_path))
+    saver.on_event(type="ADDED", body=policy("gone"), name="gone")
+    saver()  # saved
+    restarted = ClusterPolicies(StateDir(tmp_path))
+    assert names(restarted) == ["gone"]
+    restarted.replace_all([policy("kept")])
+    assert names(restarted) == ["kept"]
+
+
+def test_an_unusable_state_file_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "policies.yaml").write_text("kind: [broken")
+    assert names(ClusterPolicies(StateDir(tmp_path))) == []
