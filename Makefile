@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit bench install clean
+.PHONY: run test lint unit bench install clean crds
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP)
 	$(PY) bench/scan.py
 	$(PY) bench/cleanup.py
 	$(PY) bench/exec_latency.py
+
+# The CRDs are generated from the pydantic models; the chart carries the same files.
+crds: $(STAMP)
+	$(VENV)/bin/nodemem crds --output-dir crds
+	$(VENV)/bin/nodemem crds --output-dir charts/nodemem/crds
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

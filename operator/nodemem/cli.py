@@ -17,6 +17,7 @@ from kubernetes import client as k8s
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.main import ClusterAgentOptions, run_cluster_agent
 from nodemem.agent.policy_file import PolicyFile
+from nodemem.api.crd import render_crds
 from nodemem.api.manifest import PolicyError, load_policies
 from nodemem.controller.operator import Controller, ControllerSettings
 from nodemem.host.meminfo import read_meminfo
@@ -177,6 +178,18 @@ def cmd_controller(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_crds(args: argparse.Namespace) -> int:
+    rendered = render_crds()
+    if args.output_dir is None:
+        sys.stdout.write("---\n".join(rendered.values()))
+        return EXIT_OK
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nodemem", description="Node memory and OOM policy: where the memory went."
@@ -274,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=1.0, help="shortest time between two roll-ups (s)"
     )
     controller.set_defaults(func=cmd_controller)
+
+    crds = commands.add_parser("crds", help="print or write the CRDs generated from the models")
+    crds.add_argument("--output-dir", help="write one file per CRD here instead of printing")
+    crds.set_defaults(func=cmd_crds)
     return parser
 
 

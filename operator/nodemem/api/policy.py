@@ -53,6 +53,7 @@ KIND = "NodeMemoryPolicy"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _MAX_PATH = 4096  # PATH_MAX
+MAX_RULES = 64
 
 _CONFIG = ConfigDict(
     alias_generator=to_camel,
@@ -362,11 +363,15 @@ class NodeMemoryPolicySpec(BaseModel):
     tmpfs: list[TmpfsLimit] = Field(
         default_factory=list, description="tmpfs size limits, unique by path."
     )
+    # Bounded so that the CRD's CEL rules over these lists fit the API server's cost limit.
     cleanup: list[CleanupRule] = Field(
-        default_factory=list, description="Scheduled cleanups of tmpfs files, unique by name."
+        default_factory=list,
+        max_length=MAX_RULES,
+        description="Scheduled cleanups of tmpfs files, unique by name.",
     )
     oom: list[OomRule] = Field(
         default_factory=list,
+        max_length=MAX_RULES,
         description="oom_score_adj rules, unique by name; the first matching rule wins.",
     )
     shmem: ShmemSettings = Field(default_factory=ShmemSettings, description="Shmem leak detection.")

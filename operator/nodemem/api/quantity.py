@@ -229,7 +229,9 @@ class Percent:
     def __get_pydantic_json_schema__(
         cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        return {"type": "string", "pattern": PERCENT_PATTERN}
+        # maxLength mirrors parse_percent's limit; CEL rules compare percents, and the API
+        # server's CEL cost estimate needs every string they read to be bounded.
+        return {"type": "string", "pattern": PERCENT_PATTERN, "maxLength": _MAX_TEXT}
 
 
 @dataclass(frozen=True)

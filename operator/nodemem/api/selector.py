@@ -99,6 +99,7 @@ class LabelSelector(BaseModel):
     )
     match_expressions: list[LabelSelectorRequirement] = Field(
         default_factory=list,
+        max_length=32,  # bounds the CEL cost of the CRD's rule on each expression
         description="Expressions that must all hold.",
     )
 
