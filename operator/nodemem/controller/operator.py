@@ -60,6 +60,7 @@ class Controller:
         self.state: ClusterState | None = None
         self.status_writes = 0
         self.reports_deleted = 0
+        self.rounds = 0  # roll-up rounds completed (tests wait for one)
 
     # -- registry -------------------------------------------------------------------
 
@@ -130,6 +131,12 @@ class Controller:
             await asyncio.sleep(self.settings.interval)
 
     async def reconcile(self, state: ClusterState) -> None:
+        try:
+            await self._reconcile(state)
+        finally:
+            self.rounds += 1
+
+    async def _reconcile(self, state: ClusterState) -> None:
         await self._collect_orphans(state)
         for name, body in list(state.policies.items()):
             previous = _status_of(body)
