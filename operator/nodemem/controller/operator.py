@@ -77,6 +77,7 @@ class Controller:
 
     async def _startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # no k8s events about our own handlers
+        settings.scanning.disabled = True  # cluster-scoped kinds only: no namespace scanning
         settings.watching.server_timeout = 300
         self.state = ClusterState()
         self._loop_task = asyncio.create_task(self._rollup_loop(self.state))
