@@ -39,34 +39,6 @@ def shmem_released() -> Iterator[None]:
         time.sleep(0.02)
 
 
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
-
-
-MountTmpfs = Callable[..., Path]
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path: Path) -> Iterator[MountTmpfs]:
-    """mount_tmpfs(name, options="size=64m") -> mount point under tmp_path; unmounted after."""
-    mounted: list[Path] = []
-
-    def mount(name: str = "mnt", options: str = "size=64m", at: Path | None = None) -> Path:
-        point = at or tmp_path / name
-        point.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "nodemem-test", str(point)],
-            check=True,
-            capture_output=True,
-        )
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in reversed(mounted):
-        _umount(point)
-
-
 Holder = Callable[..., dict[str, Any]]
 
 

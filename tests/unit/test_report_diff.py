@@ -61,3 +61,13 @@ def test_states_conditions_and_policies_are_meaningful() -> None:
 def test_object_sizes_in_top_follow_the_byte_rule() -> None:
     assert not meaningful_change(status(), status(**{"shmem.top.0.bytes": 501 * MiB}))
     assert meaningful_change(status(), status(**{"shmem.top.0.bytes": 600 * MiB}))
+
+
+def test_reordered_items_are_not_a_change() -> None:
+    two = [
+        {"kind": "tmpfs", "name": "/a", "bytes": 500 * MiB},
+        {"kind": "memfd", "name": "memfd:b", "bytes": 499 * MiB},
+    ]
+    assert not meaningful_change(status(**{"shmem.top": two}), status(**{"shmem.top": two[::-1]}))
+    other = [two[0], {"kind": "memfd", "name": "memfd:c", "bytes": 499 * MiB}]
+    assert meaningful_change(status(**{"shmem.top": two}), status(**{"shmem.top": other}))

@@ -6,8 +6,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from kubernetes import client as k8s
@@ -48,6 +49,8 @@ class ClusterAgentOptions:
     dry_run: bool = False
     paths: HostPaths = field(default_factory=HostPaths)
     metrics_host: str = "0.0.0.0"
+    poll_seconds: float = 1.0  # how soon a policy or node label change is acted on
+    wall_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))  # cron
 
 
 class Reporter:
@@ -138,8 +141,13 @@ def run_cluster_agent(
     agent = NodeAgent(
         options.paths,
         policies,
-        settings=AgentSettings(resync_seconds=options.resync_seconds, dry_run=options.dry_run),
+        settings=AgentSettings(
+            resync_seconds=options.resync_seconds,
+            poll_seconds=options.poll_seconds,
+            dry_run=options.dry_run,
+        ),
         on_cycle=Reporter(writer, metrics, options.paths),
+        wall_clock=options.wall_clock,
     )
     own_node = OwnNode(core, options.node_name, agent.set_node_labels)
     writer.node_uid = lambda: own_node.uid

@@ -30,6 +30,18 @@ VOLATILE_KEYS = frozenset(
 )
 
 
+# How list items are told apart, so that a reordering (two objects of similar size
+# swapping places in top[]) is not a change.
+IDENTITY_KEYS = ("kind", "name", "path", "type", "node", "pid", "rule")
+
+
+def _identity(item: Any) -> tuple[Any, ...] | None:
+    if not isinstance(item, Mapping):
+        return None
+    identity = tuple(item.get(key) for key in IDENTITY_KEYS)
+    return identity if any(part is not None for part in identity) else None
+
+
 def _bytes_moved(old: int | float, new: int | float) -> bool:
     delta = abs(new - old)
     return delta > MIN_BYTES and delta > MIN_FRACTION * max(abs(old), abs(new))
@@ -42,9 +54,17 @@ def meaningful_change(old: Any, new: Any, key: str = "") -> bool:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         return any(meaningful_change(old.get(k), new.get(k), k) for k in old.keys() | new.keys())
     if isinstance(old, list) and isinstance(new, list):
-        return len(old) != len(new) or any(
-            meaningful_change(a, b, key) for a, b in zip(old, new, strict=True)
-        )
+        if len(old) != len(new):
+            return True
+        old_ids, new_ids = [_identity(i) for i in old], [_identity(i) for i in new]
+        if None not in old_ids and None not in new_ids and len(set(old_ids)) == len(old):
+            if set(old_ids) != set(new_ids):
+                return True
+            by_id = dict(zip(old_ids, old, strict=True))
+            return any(
+                meaningful_change(by_id[i], n, key) for i, n in zip(new_ids, new, strict=True)
+            )
+        return any(meaningful_change(a, b, key) for a, b in zip(old, new, strict=True))
     both_numbers = isinstance(old, int | float) and isinstance(new, int | float)
     if both_numbers and (key == "bytes" or key.endswith("Bytes")) and not isinstance(old, bool):
         return _bytes_moved(old, new)
