@@ -71,3 +71,11 @@ def test_reordered_items_are_not_a_change() -> None:
     assert not meaningful_change(status(**{"shmem.top": two}), status(**{"shmem.top": two[::-1]}))
     other = [two[0], {"kind": "memfd", "name": "memfd:c", "bytes": 499 * MiB}]
     assert meaningful_change(status(**{"shmem.top": two}), status(**{"shmem.top": other}))
+
+
+def test_general_memory_figures_wait_for_the_heartbeat() -> None:
+    old = status(memory={"processRssBytes": 100 * MiB, "shmemBytes": 100 * MiB})
+    busier = status(memory={"processRssBytes": 300 * MiB, "shmemBytes": 100 * MiB})
+    assert not meaningful_change(old, busier)
+    more_shmem = status(memory={"processRssBytes": 100 * MiB, "shmemBytes": 300 * MiB})
+    assert meaningful_change(old, more_shmem)

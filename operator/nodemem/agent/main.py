@@ -121,66 +121,99 @@ class Reporter:
             self.writer.event("ShmemLeakSuspected", leak.message)
 
 
+class ClusterAgent:
+    """Everything the agent runs in a cluster; `run()` blocks until `stop` is set."""
+
+    def __init__(
+        self,
+        options: ClusterAgentOptions,
+        configuration: k8s.Configuration,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.options = options
+        self.configuration = configuration
+        self.stop = stop or threading.Event()
+        self.api_client = k8s.ApiClient(configuration)
+        self.metrics = AgentMetrics()
+        self.state_dir = StateDir(options.state_dir)
+        self.policies = ClusterPolicies(self.state_dir)
+        self.writer = ReportWriter(
+            self.api_client,
+            options.node_name,
+            heartbeat=options.heartbeat_seconds,
+            metrics=self.metrics,
+        )
+        self.agent = NodeAgent(
+            options.paths,
+            self.policies,
+            node_labels=self.state_dir.load_node_labels(),
+            settings=AgentSettings(
+                resync_seconds=options.resync_seconds,
+                poll_seconds=options.poll_seconds,
+                dry_run=options.dry_run,
+            ),
+            on_cycle=Reporter(self.writer, self.metrics, options.paths),
+            wall_clock=options.wall_clock,
+        )
+
+    def run(self) -> None:
+        options, agent, stop = self.options, self.agent, self.stop
+        core = k8s.CoreV1Api(self.api_client)
+
+        def node_labels(labels: dict[str, str]) -> None:
+            agent.set_node_labels(labels)
+            try:
+                self.state_dir.save_node_labels(labels)
+            except OSError as exc:
+                log.error("cannot save node labels to %s: %s", self.state_dir.path, exc)
+
+        own_node = OwnNode(core, options.node_name, node_labels)
+        self.writer.node_uid = lambda: own_node.uid
+        own_node.run(stop, self.metrics)
+        OwnPods(core, options.node_name, lambda pods: setattr(agent, "pods", pods)).run(
+            stop, self.metrics
+        )
+        threading.Thread(
+            target=_list_policies_once,
+            args=(self.api_client, self.policies, stop, self.metrics),
+            daemon=True,
+        ).start()
+        feed_stop = threading.Event()
+        feed = run_policy_feed(self.policies, kopf_login(self.configuration), feed_stop)
+        server = None
+        if options.metrics_port is not None:
+            server = serve(
+                self.metrics,
+                options.metrics_port,
+                ready=lambda: agent.state.resyncs > 0,
+                host=options.metrics_host,
+            )
+
+        def stop_agent_when_asked() -> None:
+            stop.wait()
+            agent.stop()
+
+        threading.Thread(target=stop_agent_when_asked, daemon=True).start()
+        try:
+            agent.run()
+        finally:
+            stop.set()
+            feed_stop.set()
+            feed.join(timeout=10)
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+
 def run_cluster_agent(
     options: ClusterAgentOptions,
     configuration: k8s.Configuration,
     stop: threading.Event | None = None,
 ) -> NodeAgent:
     """Run until `stop` is set (or the returned agent's stop()); blocks."""
-    stop = stop or threading.Event()
-    api_client = k8s.ApiClient(configuration)
-    core = k8s.CoreV1Api(api_client)
-    metrics = AgentMetrics()
-    policies = ClusterPolicies(StateDir(options.state_dir))
-    writer = ReportWriter(
-        api_client,
-        options.node_name,
-        heartbeat=options.heartbeat_seconds,
-        metrics=metrics,
-    )
-    agent = NodeAgent(
-        options.paths,
-        policies,
-        settings=AgentSettings(
-            resync_seconds=options.resync_seconds,
-            poll_seconds=options.poll_seconds,
-            dry_run=options.dry_run,
-        ),
-        on_cycle=Reporter(writer, metrics, options.paths),
-        wall_clock=options.wall_clock,
-    )
-    own_node = OwnNode(core, options.node_name, agent.set_node_labels)
-    writer.node_uid = lambda: own_node.uid
-    own_node.run(stop, metrics)
-    OwnPods(core, options.node_name, lambda pods: setattr(agent, "pods", pods)).run(stop, metrics)
-    threading.Thread(
-        target=_list_policies_once, args=(api_client, policies, stop, metrics), daemon=True
-    ).start()
-    feed_stop = threading.Event()
-    feed = run_policy_feed(policies, kopf_login(configuration), feed_stop)
-    server = None
-    if options.metrics_port is not None:
-        server = serve(
-            metrics,
-            options.metrics_port,
-            ready=lambda: agent.state.resyncs > 0,
-            host=options.metrics_host,
-        )
-
-    def stop_agent_when_asked() -> None:
-        stop.wait()
-        agent.stop()
-
-    threading.Thread(target=stop_agent_when_asked, daemon=True).start()
-    try:
-        agent.run()
-    finally:
-        stop.set()
-        feed_stop.set()
-        feed.join(timeout=10)
-        if server is not None:
-            server.shutdown()
-    return agent
+    cluster_agent = ClusterAgent(options, configuration, stop)
+    cluster_agent.run()
+    return cluster_agent.agent
 
 
 def _list_policies_once(

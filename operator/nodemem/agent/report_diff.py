@@ -26,6 +26,16 @@ VOLATILE_KEYS = frozenset(
         "planned",
         "lastRun",
         "nextRun",
+        # The node's general memory figures move with every process start; they are
+        # context for the Shmem figures and are refreshed by the heartbeat.
+        "availableBytes",
+        "processRssBytes",
+        "slabBytes",
+        "slabReclaimableBytes",
+        "slabUnreclaimableBytes",
+        "kernelStackBytes",
+        "pageTablesBytes",
+        "vmallocUsedBytes",
     }
 )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -19,6 +19,7 @@ from nodemem.api.policy import NodeMemoryPolicy
 
 log = logging.getLogger("nodemem.agent")
 POLICIES_FILE = "policies.yaml"
+NODE_LABELS_FILE = "node-labels.yaml"
 
 
 class StateDir:
@@ -30,20 +31,35 @@ class StateDir:
         return self.path / POLICIES_FILE
 
     def save_policies(self, policies: Sequence[NodeMemoryPolicy]) -> None:
+        documents = [policy_to_manifest(p) for p in policies]
+        self._write(
+            POLICIES_FILE, yaml.safe_dump_all(documents, sort_keys=False) if documents else ""
+        )
+
+    def save_node_labels(self, labels: Mapping[str, str]) -> None:
+        """The node's labels decide which policies select it: without the API they are
+        known only from here."""
+        self._write(NODE_LABELS_FILE, yaml.safe_dump(dict(labels)))
+
+    def load_node_labels(self) -> dict[str, str] | None:
+        try:
+            labels = yaml.safe_load((self.path / NODE_LABELS_FILE).read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        if not isinstance(labels, dict):
+            return None
+        return {str(k): str(v) for k, v in labels.items()}
+
+    def _write(self, name: str, text: str) -> None:
         """Write atomically: a crash mid-write leaves the previous file, never half a one."""
         self.path.mkdir(parents=True, exist_ok=True)
-        text = (
-            yaml.safe_dump_all([policy_to_manifest(p) for p in policies], sort_keys=False)
-            if policies
-            else ""
-        )
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".policies-")
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}-")
         try:
             with os.fdopen(fd, "w") as file:
                 file.write(text)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(tmp, self.policies_file)
+            os.replace(tmp, self.path / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -1,0 +1,363 @@
+"""The node agent against the API emulator, enforcing on this real host.
+
+Policies come from the API; the agent limits a tmpfs the test mounted, sets a test
+process's oom_score_adj, runs a due cleanup, and its NodeMemoryReport says so. It
+never writes to policies, keeps enforcing while the API is away (and after a restart
+with the API away), and writes no status between heartbeats when nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from emulator import EmulatorThread, KubeEmulator, wait_until
+
+from nodemem.agent.main import ClusterAgent, ClusterAgentOptions
+from nodemem.kube import load_client_config
+
+pytestmark = pytest.mark.privileged
+
+POLICIES = "nodemem.dev/v1alpha1/nodememorypolicies"
+REPORTS = "nodemem.dev/v1alpha1/nodememoryreports"
+NODES = "v1/nodes"
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+def size_of(point: Path) -> int:
+    st = os.statvfs(point)
+    return st.f_blocks * st.f_frsize
+
+
+def policy(point: Path, token: str, *, pool: str = "web", oom_adj: int = 600) -> dict[str, Any]:
+    return {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryPolicy",
+        "metadata": {"name": "agent-test"},
+        "spec": {
+            "nodeSelector": {"matchLabels": {"pool": pool}},
+            "tmpfs": [{"path": str(point), "size": "16Mi"}],
+            "cleanup": [
+                {
+                    "name": "old-logs",
+                    "paths": [f"{point}/*.log"],
+                    "schedule": "0 * * * *",
+                    "olderThan": "1h",
+                }
+            ],
+            "oom": [{"name": "batch", "match": {"cmdline": token}, "oomScoreAdj": oom_adj}],
+        },
+    }
+
+
+class FakeWallClock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 0, 30, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class RunningAgent:
+    node: str
+    cluster_agent: ClusterAgent
+    thread: threading.Thread
+    metrics_port: int
+    clock: FakeWallClock
+
+    @property
+    def stop(self) -> threading.Event:
+        return self.cluster_agent.stop
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.thread.join(15)
+        assert not self.thread.is_alive(), f"agent {self.node} did not stop"
+
+
+@pytest.fixture
+def start_agent(kube_server: EmulatorThread, kubeconfig: Path, tmp_path: Path) -> Iterator[Any]:
+    agents: list[RunningAgent] = []
+
+    def start(node: str = "node-a", **overrides: Any) -> RunningAgent:
+        options = ClusterAgentOptions(
+            node_name=node,
+            state_dir=tmp_path / f"state-{node}",
+            metrics_port=free_port(),
+            metrics_host="127.0.0.1",
+            resync_seconds=0.3,
+            heartbeat_seconds=3600,
+            poll_seconds=0.05,
+            wall_clock=FakeWallClock(),
+        )
+        for key, value in overrides.items():
+            setattr(options, key, value)
+        cluster_agent = ClusterAgent(options, load_client_config(str(kubeconfig)))
+        thread = threading.Thread(target=cluster_agent.run, daemon=True)
+        thread.start()
+        clock = options.wall_clock
+        assert isinstance(clock, FakeWallClock)
+        agent = RunningAgent(node, cluster_agent, thread, options.metrics_port or 0, clock)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.halt()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def spawn(processes: list[subprocess.Popen[bytes]], token: str) -> int:
+    processes.append(subprocess.Popen(["sleep", f"{token}.{len(processes) + 1}"]))
+    return processes[-1].pid
+
+
+def report(kube: KubeEmulator, node: str = "node-a") -> dict[str, Any]:
+    obj = kube.get_object(REPORTS, node)
+    return (obj or {}).get("status") or {}
+
+
+def token_() -> str:
+    return str(secrets.randbelow(10**6) + 10**6)
+
+
+def test_policy_enforced_reported_updated_and_never_written(
+    kube, mount_tmpfs, start_agent, processes
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    token = token_()
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, policy(point, token))
+    pid = spawn(processes, token)
+    start = kube.mark()
+    agent = start_agent()
+
+    # Enforced: the tmpfs limit and the running process's adj.
+    wait_until(lambda: size_of(point) == 16 * MiB, message="tmpfs limited")
+    wait_until(lambda: adj(pid) == 600, message="adj set")
+    # A process started now gets its adj at exec.
+    late = spawn(processes, token)
+    wait_until(lambda: adj(late) == 600, message="adj at exec")
+
+    # The report: created, owned by the Node, listing the policy and every item's state.
+    wait_until(
+        lambda: report(kube).get("policies") == [{"name": "agent-test", "generation": 1}],
+        message="report lists the policy",
+    )
+    obj = kube.get_object(REPORTS, "node-a")
+    assert obj is not None
+    node_uid = kube.get_object(NODES, "node-a")["metadata"]["uid"]  # type: ignore[index]
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == node_uid
+    status = report(kube)
+    assert [(t["path"], t["state"]) for t in status["tmpfs"]] == [(str(point), "Applied")]
+    assert status["oom"]["rules"][0]["name"] == "batch"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Applied"] == "True"
+
+    # The Shmem attribution: a file written into the tmpfs shows under its mount point.
+    (point / "data").write_bytes(b"x" * 4 * MiB)
+    wait_until(
+        lambda: any(
+            item["name"] == str(point) and item["bytes"] >= 4 * MiB
+            for item in report(kube).get("shmem", {}).get("top", [])
+        ),
+        message="tmpfs in the report's Shmem",
+    )
+
+    # A due cleanup: the wall clock reaches the rule's cron time.
+    old = point / "old.log"
+    old.write_bytes(b"x" * MiB)
+    os.utime(old, (0, 0))
+    agent.clock.now += timedelta(minutes=30)
+    wait_until(lambda: not old.exists(), message="cleanup ran")
+    wait_until(
+        lambda: [c.get("filesRemoved") for c in report(kube).get("cleanup", [])] == [1],
+        message="cleanup reported",
+    )
+
+    # A policy update is applied within seconds.
+    kube.patch_object(
+        POLICIES,
+        "agent-test",
+        {"spec": {"oom": [{"name": "batch", "match": {"cmdline": token}, "oomScoreAdj": 700}]}},
+    )
+    wait_until(lambda: adj(pid) == 700, message="update applied", timeout=5)
+    wait_until(
+        lambda: report(kube).get("policies") == [{"name": "agent-test", "generation": 2}],
+        message="report at generation 2",
+    )
+
+    # Nothing was ever written to the policy by the agent.
+    assert kube.writes(since=start, resource=POLICIES) == []
+
+
+def test_policy_for_other_nodes_does_nothing(kube, mount_tmpfs, start_agent, processes) -> None:
+    point = mount_tmpfs(options="size=64m")
+    token = token_()
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, policy(point, token, pool="db"))
+    pid = spawn(processes, token)
+    start_agent()
+    wait_until(lambda: "memory" in report(kube), message="first report")
+    assert report(kube)["policies"] == []
+    assert size_of(point) == 64 * MiB
+    assert adj(pid) == 0
+    # The node joins the pool: the policy now selects it.
+    kube.patch_object(NODES, "node-a", {"metadata": {"labels": {"pool": "db"}}})
+    wait_until(lambda: adj(pid) == 600, message="applied after the label change")
+    assert size_of(point) == 16 * MiB
+
+
+def test_two_agents_report_side_by_side_and_never_write_the_policy(
+    kube, mount_tmpfs, start_agent
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    for node in ("node-a", "node-b"):
+        kube.create_object(NODES, {"metadata": {"name": node, "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, policy(point, token_()))
+    start = kube.mark()
+    start_agent("node-a")
+    start_agent("node-b")
+    for node in ("node-a", "node-b"):
+        wait_until(
+            lambda n=node: (
+                report(kube, n).get("policies") == [{"name": "agent-test", "generation": 1}]
+            ),
+            message=f"report of {node}",
+        )
+    assert kube.writes(since=start, resource=POLICIES) == []
+    writes = kube.writes(since=start, resource=REPORTS)
+    assert {r.name for r in writes if r.verb != "create"} == {"node-a", "node-b"}
+    assert len([r for r in writes if r.verb == "create"]) == 2  # each its own, once
+
+
+def test_enforcement_continues_while_the_api_is_away_and_the_report_catches_up(
+    kube, kube_server, mount_tmpfs, start_agent, processes
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    token = token_()
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, policy(point, token))
+    start_agent()
+    wait_until(
+        lambda: [t["state"] for t in report(kube).get("tmpfs", [])] == ["Applied"], message="first report"
+    )
+    port = int(kube_server.url.rsplit(":", 1)[1])
+    kube_server.stop()
+    try:
+        pid = spawn(processes, token)  # a new process while the API is down
+        wait_until(lambda: adj(pid) == 600, message="adj without the API")
+        (point / "grown").write_bytes(b"x" * 8 * MiB)  # a change the report must catch up on
+    finally:
+        restarted = EmulatorThread(kube, port=port).start()
+    try:
+        wait_until(
+            lambda: report(kube)["tmpfs"][0].get("usedBytes", 0) >= 8 * MiB,
+            message="report caught up",
+            timeout=30,
+        )
+    finally:
+        restarted.stop()
+
+
+def test_restart_with_the_api_down_uses_the_saved_policy(  # noqa: PLR0917 - fixtures
+    kube, kube_server, mount_tmpfs, start_agent, processes, tmp_path
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    token = token_()
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, policy(point, token))
+    first = start_agent(state_dir=tmp_path / "state")
+    wait_until((tmp_path / "state" / "policies.yaml").exists, message="saved")
+    wait_until(
+        lambda: report(kube).get("policies") != [] and "policies" in report(kube), message="applied"
+    )
+    first.halt()
+    kube_server.stop()
+    start_agent(state_dir=tmp_path / "state")  # the API is unreachable
+    pid = spawn(processes, token)
+    wait_until(lambda: adj(pid) == 600, message="saved policy enforced")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    selector = r"\{" + re.escape(label_text) + r"\}" if labels else ""
+    pattern = "^" + re.escape(name) + selector + r" (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, f"no {name}{labels} in metrics"
+    return float(match.group(1))
+
+
+def test_metrics_and_health_endpoints(kube, mount_tmpfs, start_agent, processes) -> None:
+    point = mount_tmpfs(options="size=64m")
+    token = token_()
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, policy(point, token))
+    spawn(processes, token)
+    agent = start_agent()
+    base = f"http://127.0.0.1:{agent.metrics_port}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except urllib.error.URLError:
+            return 0, ""  # not listening yet
+
+    wait_until(lambda: get("/readyz")[0] == 200, message="ready")
+    assert get("/healthz")[0] == 200
+    wait_until(lambda: "nodemem_tmpfs_size_bytes{" in get("/metrics")[1], message="series")
+    text = get("/metrics")[1]
+    assert metric(text, "nodemem_tmpfs_size_bytes", path=str(point)) == 16 * MiB
+    assert metric(text, "nodemem_oom_adjustments_total", rule="batch") >= 1
+    assert metric(text, "nodemem_shmem_unaccounted_bytes") == pytest.approx(
+        report(kube)["shmem"]["unaccountedBytes"], abs=4 * MiB
+    )
+    assert metric(text, "nodemem_scan_duration_seconds") > 0
+    for kind in ("tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"):
+        assert metric(text, "nodemem_shmem_bytes", kind=kind) >= 0
+
+
+def test_an_unchanged_node_writes_no_status_between_heartbeats(kube, start_agent) -> None:
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    running = start_agent()
+    state, writer = running.cluster_agent.agent.state, running.cluster_agent.writer
+    wait_until(lambda: writer.writes >= 1, message="first write")
+    resyncs = state.resyncs
+    wait_until(lambda: state.resyncs >= resyncs + 2, message="two more cycles")  # settle
+    settled, writes, resyncs = kube.mark(), writer.writes, state.resyncs
+    wait_until(lambda: state.resyncs >= resyncs + 10, message="ten quiet cycles")
+    assert writer.writes == writes
+    assert kube.count(since=settled, resource=REPORTS, verb=("patch", "update", "create")) == 0
