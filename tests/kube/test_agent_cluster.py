@@ -270,7 +270,8 @@ def test_enforcement_continues_while_the_api_is_away_and_the_report_catches_up(
     kube.create_object(POLICIES, policy(point, token))
     start_agent()
     wait_until(
-        lambda: [t["state"] for t in report(kube).get("tmpfs", [])] == ["Applied"], message="first report"
+        lambda: [t["state"] for t in report(kube).get("tmpfs", [])] == ["Applied"],
+        message="first report",
     )
     port = int(kube_server.url.rsplit(":", 1)[1])
     kube_server.stop()
