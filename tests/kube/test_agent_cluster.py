@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -362,3 +364,98 @@ def test_an_unchanged_node_writes_no_status_between_heartbeats(kube, start_agent
     wait_until(lambda: state.resyncs >= resyncs + 10, message="ten quiet cycles")
     assert writer.writes == writes
     assert kube.count(since=settled, resource=REPORTS, verb=("patch", "update", "create")) == 0
+
+
+def events(kube: KubeEmulator, reason: str) -> list[dict[str, Any]]:
+    return [e for e in kube.list_objects("v1/events", "default") if e.get("reason") == reason]
+
+
+def test_refusals_and_a_leak_suspicion_become_conditions_and_events(
+    kube, mount_tmpfs, start_agent
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    (point / "data").write_bytes(b"x" * 24 * MiB)  # more than the 16Mi the policy asks
+    document = policy(point, token_())
+    document["spec"]["shmem"] = {"unaccountedThreshold": "1Ki"}  # any remainder is a leak
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, document)
+    running = start_agent()
+    wait_until(
+        lambda: [t["state"] for t in report(kube).get("tmpfs", [])] == ["Refused"],
+        message="refusal reported",
+    )
+    assert size_of(point) == 64 * MiB  # never shrunk below use
+    status = report(kube)
+    assert "below current use" in status["tmpfs"][0]["message"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Applied"]["status"] == "False"
+    assert conditions["Degraded"]["status"] == "True"
+    wait_until(lambda: len(events(kube, "TmpfsRefused")) == 1, message="refusal event")
+    unaccounted = status["shmem"]["unaccountedBytes"]
+    if unaccounted > 1024:  # there is always some here (PID 1 is unreadable), but be exact
+        assert conditions["ShmemLeakSuspected"]["status"] == "True"
+        wait_until(lambda: len(events(kube, "ShmemLeakSuspected")) == 1, message="leak event")
+    # Refusals repeat every resync; the events do not (rate-limited).
+    state = running.cluster_agent.agent.state
+    resyncs = state.resyncs
+    wait_until(lambda: state.resyncs >= resyncs + 3, message="more cycles")
+    assert len(events(kube, "TmpfsRefused")) == 1
+
+
+def test_dry_run_policy_plans_and_changes_nothing(
+    kube, mount_tmpfs, start_agent, processes
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    token = token_()
+    document = policy(point, token)
+    document["spec"]["dryRun"] = True
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, document)
+    pid = spawn(processes, token)
+    start_agent()
+    wait_until(
+        lambda: [t["state"] for t in report(kube).get("tmpfs", [])] == ["Planned"],
+        message="planned",
+    )
+    assert report(kube)["oom"]["planned"] == 1
+    assert size_of(point) == 64 * MiB
+    assert adj(pid) == 0
+
+
+def test_agent_command_in_a_cluster_stops_cleanly_on_sigterm(
+    kube, kubeconfig, mount_tmpfs, tmp_path
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+    kube.create_object(POLICIES, policy(point, token_()))
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nodemem.cli",
+            "agent",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            str(free_port()),
+        ],
+        env={**os.environ, "NODE_NAME": "node-a"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: report(kube).get("policies") == [{"name": "agent-test", "generation": 1}],
+            message="report",
+            timeout=30,
+        )
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=15) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.stderr is not None
+    assert "Traceback" not in agent.stderr.read()
