@@ -358,12 +358,30 @@ def test_an_unchanged_node_writes_no_status_between_heartbeats(kube, start_agent
     running = start_agent()
     state, writer = running.cluster_agent.agent.state, running.cluster_agent.writer
     wait_until(lambda: writer.writes >= 1, message="first write")
-    resyncs = state.resyncs
-    wait_until(lambda: state.resyncs >= resyncs + 2, message="two more cycles")  # settle
-    settled, writes, resyncs = kube.mark(), writer.writes, state.resyncs
-    wait_until(lambda: state.resyncs >= resyncs + 10, message="ten quiet cycles")
-    assert writer.writes == writes
+
+    def quiet_cycles(count: int) -> bool:
+        """`count` resync cycles in a row without a write."""
+        writes, resyncs = writer.writes, state.resyncs
+        wait_until(lambda: state.resyncs >= resyncs + count, message=f"{count} cycles")
+        return writer.writes == writes
+
+    # Settle: what earlier tests left behind (exiting processes, freed Shmem) is a real
+    # change, written once; wait for three quiet cycles in a row.
+    wait_until(lambda: quiet_cycles(3), message="a settled node", timeout=30)
+    settled, before = kube.mark(), report(kube)
+    assert quiet_cycles(10), f"wrote again: {first_difference(before, report(kube))}"
     assert kube.count(since=settled, resource=REPORTS, verb=("patch", "update", "create")) == 0
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str:
+    """Where two report statuses differ meaningfully (for a failure message)."""
+    from nodemem.agent.report_diff import meaningful_change  # noqa: PLC0415
+
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys()):
+            if meaningful_change(old.get(key), new.get(key), key):
+                return first_difference(old.get(key), new.get(key), f"{path}.{key}")
+    return f"{path}: {str(old)[:200]} -> {str(new)[:200]}"
 
 
 def events(kube: KubeEmulator, reason: str) -> list[dict[str, Any]]:

@@ -6,11 +6,12 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
 
-from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic import GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
+
+from nodemem.api.written import WrittenValue
 
 __all__ = ["Duration", "parse_duration", "parse_duration_ns"]
 
@@ -66,7 +67,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 @dataclass(frozen=True)
-class Duration:
+class Duration(WrittenValue):
     """A positive Go duration (`90s`, `24h`) that serialises back to the text written."""
 
     delta: timedelta
@@ -86,15 +87,6 @@ class Duration:
 
     def __str__(self) -> str:
         return self.text
-
-    @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls.parse,
-            serialization=core_schema.plain_serializer_function_ser_schema(lambda d: d.text),
-        )
 
     @classmethod
     def __get_pydantic_json_schema__(

@@ -19,7 +19,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     ValidationInfo,
     field_validator,
@@ -28,6 +27,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
+
+from nodemem.api.written import WrittenValue
 
 from .duration import Duration
 from .quantity import Percent, Quantity, SizeOrPercent
@@ -128,7 +129,7 @@ CronSchedule = Annotated[
 
 
 @dataclass(frozen=True)
-class Regex:
+class Regex(WrittenValue):
     """A regular expression (Python `re` syntax), compiled when the policy is validated."""
 
     compiled: re.Pattern[str]
@@ -150,15 +151,6 @@ class Regex:
 
     def __str__(self) -> str:
         return self.text
-
-    @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls.parse,
-            serialization=core_schema.plain_serializer_function_ser_schema(lambda r: r.text),
-        )
 
     @classmethod
     def __get_pydantic_json_schema__(

@@ -10,11 +10,12 @@ import decimal
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
-from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic import GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
+
+from nodemem.api.written import WrittenValue
 
 __all__ = [
     "MAX_BYTES",
@@ -162,7 +163,7 @@ def _int_or_string_schema(minimum: int, pattern: str) -> JsonSchemaValue:
 
 
 @dataclass(frozen=True)
-class Quantity:
+class Quantity(WrittenValue):
     """A non-negative byte count written as a Kubernetes quantity (`512Mi`) or an integer."""
 
     bytes: int
@@ -179,15 +180,6 @@ class Quantity:
         return str(self.text)
 
     @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls.parse,
-            serialization=core_schema.plain_serializer_function_ser_schema(lambda q: q.text),
-        )
-
-    @classmethod
     def __get_pydantic_json_schema__(
         cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
@@ -195,7 +187,7 @@ class Quantity:
 
 
 @dataclass(frozen=True)
-class Percent:
+class Percent(WrittenValue):
     """A percent in (0, 100] such as `80%`; `value` is the number before the `%`."""
 
     value: Decimal
@@ -217,15 +209,6 @@ class Percent:
         return self.text
 
     @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls.parse,
-            serialization=core_schema.plain_serializer_function_ser_schema(lambda p: p.text),
-        )
-
-    @classmethod
     def __get_pydantic_json_schema__(
         cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
@@ -235,7 +218,7 @@ class Percent:
 
 
 @dataclass(frozen=True)
-class SizeOrPercent:
+class SizeOrPercent(WrittenValue):
     """A positive size: a byte quantity (`512Mi`) or a percent of a total (`10%`).
 
     Exactly one of `bytes` and `percent` is set. Never zero: for tmpfs, size 0 means
@@ -267,15 +250,6 @@ class SizeOrPercent:
 
     def __str__(self) -> str:
         return str(self.text)
-
-    @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls.parse,
-            serialization=core_schema.plain_serializer_function_ser_schema(lambda s: s.text),
-        )
 
     @classmethod
     def __get_pydantic_json_schema__(

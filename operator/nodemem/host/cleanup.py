@@ -38,7 +38,6 @@ watermark. Hard links are counted per name (st_blocks of the inode for each).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fnmatch
 import os
@@ -54,6 +53,7 @@ from operator import attrgetter
 from nodemem.host.mounts import TMPFS_MAGIC, devtmpfs_devs
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
+from nodemem.host.statfs import statfs
 
 AGE_FIELDS = ("atime", "mtime", "ctime")
 REMOVED_REPORT_LIMIT = 100  # real runs list the first paths removed, for the report
@@ -64,10 +64,6 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _GLOB_CHARS = frozenset("*?[")
 _RECURSIVE = "**"
 _CACHED_DIR_FDS = 64
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
-_libc.fstatfs.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -239,13 +235,7 @@ def _is_tmpfs(fd: int) -> bool:
 
     The unit tests replace this function to run the walker on a plain directory.
     """
-    # f_type is the first field of struct statfs (a long on 64-bit ABIs but s390x);
-    # 256 bytes cover the whole struct on every Linux ABI.
-    buf = ctypes.create_string_buffer(256)
-    if _libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == TMPFS_MAGIC
+    return statfs(fd).fs_type == TMPFS_MAGIC
 
 
 def _mount_id(fd: int) -> int:

@@ -80,12 +80,7 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.mount.restype = ctypes.c_int
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_libc.fstatfs.restype = ctypes.c_int
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-_libc.statfs.restype = ctypes.c_int
 # struct statfs starts with f_type: a long (__fsword_t) except on s390x, where it is an int.
-_F_TYPE = ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_long
 
 
 class RemountError(OSError):
@@ -116,18 +111,6 @@ def reconfigure_tmpfs(
     if use_mount_api and _reconfigure_with_fspick(path, options):
         return
     _remount_with_mount2(path, options)
-
-
-def statfs_type(path: str | int) -> int:
-    """The f_type (filesystem magic) of `path` or of an open fd; Python's os has no statfs."""
-    buffer = ctypes.create_string_buffer(512)  # larger than any arch's struct statfs
-    if isinstance(path, int):
-        result = _libc.fstatfs(path, buffer)
-    else:
-        result = _libc.statfs(os.fsencode(path), buffer)
-    if result != 0:
-        _raise_errno(_describe(path))
-    return int(_F_TYPE.from_buffer(buffer).value)
 
 
 def _check_options(options: Mapping[str, str]) -> None:

@@ -45,12 +45,17 @@ class FsStat:
         return (self.blocks - self.blocks_free) * self.block_size
 
 
-def statfs(path: str | os.PathLike[str]) -> FsStat:
-    """statfs(2) of `path` (follows /proc magic links, so works on /proc/PID/fd/N)."""
+def statfs(target: str | os.PathLike[str] | int) -> FsStat:
+    """statfs(2) of a path (follows /proc magic links, so works on /proc/PID/fd/N), or
+    fstatfs(2) of an open fd."""
     buf = _Statfs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+    if isinstance(target, int):
+        result = _libc.fstatfs(target, ctypes.byref(buf))
+    else:
+        result = _libc.statfs(os.fsencode(target), ctypes.byref(buf))
+    if result != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
+        raise OSError(err, os.strerror(err), str(target))
     frsize = buf.f_frsize or buf.f_bsize
     return FsStat(
         fs_type=buf.f_type & 0xFFFFFFFF,

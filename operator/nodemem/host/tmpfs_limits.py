@@ -35,7 +35,8 @@ from pathlib import Path, PurePosixPath
 from nodemem.host.mounts import TMPFS_MAGIC, Mount, dev_string, parse_mountinfo
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import read_text
-from nodemem.host.remount import RemountError, reconfigure_tmpfs, statfs_type
+from nodemem.host.remount import RemountError, reconfigure_tmpfs
+from nodemem.host.statfs import statfs
 
 _GLOB_CHARACTERS = frozenset("*?[")
 
@@ -196,7 +197,7 @@ def _apply_on_fd(fd: int, point: str, mount: Mount, request: _Request) -> LimitR
             f"{point} no longer shows the tmpfs seen in mountinfo (dev {dev_string(mount.dev)},"
             f" now {dev_string(dev)}): not touched",
         )
-    magic = statfs_type(fd)
+    magic = statfs(fd).fs_type
     if magic != TMPFS_MAGIC:
         return LimitResult(
             point, LimitState.NOT_TMPFS, f"{point} has f_type {magic:#x}, not tmpfs: not touched"
