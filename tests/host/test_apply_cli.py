@@ -210,3 +210,40 @@ def test_wrong_kind_and_unreadable_file_exit_2(tmp_path, capsys) -> None:
     assert "kind" in capsys.readouterr().err
     assert main(["apply", "-f", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_memory_emptydirs_of_selected_pods_only(mount_tmpfs, tmp_path, capsys) -> None:
+    batch_uid, web_uid = (
+        "0a1b2c3d-0000-4000-8000-00000000000a",
+        "0a1b2c3d-0000-4000-8000-00000000000b",
+    )
+    volume = "volumes/kubernetes.io~empty-dir/scratch"
+    batch = mount_tmpfs(at=tmp_path / "kubelet/pods" / batch_uid / volume, options="size=64m")
+    web = mount_tmpfs(at=tmp_path / "kubelet/pods" / web_uid / volume, options="size=64m")
+    pods = {
+        "kind": "List",
+        "items": [
+            {"metadata": {"uid": uid, "name": name, "namespace": "jobs", "labels": {"app": name}}}
+            for uid, name in ((batch_uid, "batch"), (web_uid, "web"))
+        ],
+    }
+    pods_file = tmp_path / "pods.json"
+    pods_file.write_text(json.dumps(pods))
+    document = manifest(tmp_path)
+    document["spec"] = {
+        "tmpfs": [
+            {
+                "path": f"{tmp_path}/kubelet/pods/*/volumes/kubernetes.io~empty-dir/*",
+                "size": "16Mi",
+                "pods": {"namespace": "jobs", "labelSelector": {"matchLabels": {"app": "batch"}}},
+            }
+        ]
+    }
+    assert run_apply(tmp_path, document, "--json", "--pods-file", str(pods_file)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(t["path"], t["state"]) for t in report["tmpfs"]] == [(str(batch), "Applied")]
+    assert os.statvfs(batch).f_blocks * os.statvfs(batch).f_frsize == 16 * MiB
+    assert os.statvfs(web).f_blocks * os.statvfs(web).f_frsize == 64 * MiB
+    # Without knowing the pods, no volume is selected (and none is touched).
+    assert run_apply(tmp_path, document, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["tmpfs"][0]["state"] == "NotFound"

@@ -187,7 +187,9 @@ class NodeAgent:
             return
         result = ApplyResult()
         for item in effective.tmpfs:
-            result.tmpfs.extend(apply_tmpfs(self.paths, item, dry_run=self.settings.dry_run))
+            result.tmpfs.extend(
+                apply_tmpfs(self.paths, item, dry_run=self.settings.dry_run, pods=self.pods)
+            )
         result.oom = self._apply_oom_everywhere()
         self.state.last_apply = result
         self.state.resyncs += 1

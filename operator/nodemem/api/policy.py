@@ -159,6 +159,24 @@ class Regex(WrittenValue):
         return {"type": "string", "minLength": 1}
 
 
+class PodVolumeSelector(BaseModel):
+    """Which pods' memory-backed volumes a tmpfs item applies to: kubelet's volume path
+    (`<root>/pods/<uid>/volumes/<plugin>/<volume>`) tells the pod and the volume."""
+
+    model_config = _CONFIG
+
+    namespace: DnsLabel | None = Field(default=None, description="Namespace of the pods.")
+    label_selector: LabelSelector | None = Field(
+        default=None, description="Selector on the labels of the pods."
+    )
+    volume: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="Name of the volume (a glob such as cache-*).",
+    )
+
+
 class TmpfsLimit(BaseModel):
     """A size limit for tmpfs mounts at a path on the host."""
 
@@ -178,6 +196,11 @@ class TmpfsLimit(BaseModel):
         default=None,
         description="When current use already exceeds size, apply used + headroom instead "
         "of reporting a conflict. Unset: never grow beyond size.",
+    )
+    pods: PodVolumeSelector | None = Field(
+        default=None,
+        description="Only the volumes of these pods among the mounts path matches, e.g. path "
+        "/var/lib/kubelet/pods/*/volumes/kubernetes.io~empty-dir/* for memory emptyDirs.",
     )
 
 

@@ -5,11 +5,14 @@ Every item gets a state; nothing one item does (or fails to do) stops the others
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from nodemem.api.policy import PodVolumeSelector
 from nodemem.host.cleanup import CleanupResult, CleanupSpec, run_cleanup
 from nodemem.host.paths import HostPaths
+from nodemem.host.pods import pod_volume_from_path
 from nodemem.host.procfs import Holder
 from nodemem.host.tmpfs_limits import LimitResult, LimitState, apply_limit, find_targets
 from nodemem.policy.effective import EffectiveCleanup, EffectivePolicy, EffectiveTmpfs
@@ -48,11 +51,37 @@ class ApplyResult:
         )
 
 
-def apply_tmpfs(paths: HostPaths, item: EffectiveTmpfs, *, dry_run: bool) -> list[TmpfsOutcome]:
+def selects_pod_volume(selector: PodVolumeSelector, mount_point: str, pods: PodDirectory) -> bool:
+    """Whether a mount is a volume of a pod the selector names (pods not on this node,
+    or not known yet, never match)."""
+    volume = pod_volume_from_path(mount_point)
+    pod = pods.get(volume.pod_uid) if volume else None
+    if volume is None or pod is None:
+        return False
+    if selector.namespace is not None and pod.namespace != selector.namespace:
+        return False
+    if selector.label_selector is not None and not selector.label_selector.matches(pod.labels):
+        return False
+    return selector.volume is None or fnmatch.fnmatchcase(volume.volume, selector.volume)
+
+
+def apply_tmpfs(
+    paths: HostPaths,
+    item: EffectiveTmpfs,
+    *,
+    dry_run: bool,
+    pods: PodDirectory | None = None,
+) -> list[TmpfsOutcome]:
     targets = find_targets(paths, item.path)
+    selector = item.item.pods
+    if selector is not None:
+        directory = pods or PodDirectory()
+        targets = [t for t in targets if selects_pod_volume(selector, t.mount_point, directory)]
     if not targets:
         missing = LimitResult(
-            path=item.path, state=LimitState.NOT_FOUND, message="no mount point matches"
+            path=item.path,
+            state=LimitState.NOT_FOUND,
+            message="no mount point matches" + (" for the selected pods" if selector else ""),
         )
         return [TmpfsOutcome(item.policy, item.path, missing)]
     return [
@@ -116,7 +145,7 @@ def apply_policy(
     then set oom_score_adj on every running process a rule matches."""
     result = ApplyResult()
     for item in effective.tmpfs:
-        result.tmpfs.extend(apply_tmpfs(paths, item, dry_run=dry_run))
+        result.tmpfs.extend(apply_tmpfs(paths, item, dry_run=dry_run, pods=pods))
     if cleanups:
         result.cleanup = apply_cleanups(paths, cleanups, held_open or {}, dry_run=dry_run)
     result.oom = apply_oom_rules(paths, effective.oom, pods or PodDirectory(), dry_run=dry_run)
