@@ -6,6 +6,12 @@ client for status patches and deletes); the emulator records every request.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -201,3 +207,49 @@ def test_quiet_world_no_writes_and_never_to_nodes_or_reports(kube, cluster, cont
     assert kube.writes(since=start, resource=NODES) == []
     assert kube.writes(since=start, resource=REPORTS) == []
     assert {r.plural for r in kube.writes(since=start)} <= {"nodememorypolicies"}
+
+
+def test_controller_command_rolls_up_and_stops_on_sigterm(kube, kubeconfig, cluster) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cluster()
+    kube.create_object(POLICIES, policy())
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nodemem.cli",
+            "controller",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--health-port",
+            str(port),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
+    try:
+        wait_until(
+            lambda: status_of(kube).get("nodes", {}).get("matched") == 3,
+            message="roll-up by the command",
+            timeout=30,
+        )
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_until(healthy, message="liveness endpoint")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.stderr is not None
+    assert "Traceback" not in process.stderr.read()
