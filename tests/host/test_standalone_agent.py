@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import yaml
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.policy_file import PolicyFile
 from nodemem.host.paths import HostPaths
+from samples import FakeWallClock
 
 pytestmark = pytest.mark.privileged
 
@@ -60,14 +61,6 @@ def manifest(point: Path, token: str, oom_adj: int = 700) -> dict[str, Any]:
             "oom": [{"name": "batch", "match": {"cmdline": token}, "oomScoreAdj": oom_adj}],
         },
     }
-
-
-class FakeWallClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, 0, 30, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from emulator import EmulatorThread, KubeEmulator, wait_until
 
 from nodemem.agent.main import ClusterAgent, ClusterAgentOptions
 from nodemem.kube import load_client_config
+from samples import FakeWallClock
 
 pytestmark = pytest.mark.privileged
 
@@ -72,14 +73,6 @@ def policy(point: Path, token: str, *, pool: str = "web", oom_adj: int = 600) ->
             "oom": [{"name": "batch", "match": {"cmdline": token}, "oomScoreAdj": oom_adj}],
         },
     }
-
-
-class FakeWallClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, 0, 30, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass

@@ -20,6 +20,7 @@ from emulator import KubeEmulator, api_client_for, wait_until
 
 from nodemem.controller.operator import Controller, ControllerSettings, run_in_thread
 from nodemem.kube import kopf_login, load_client_config
+from samples import report_status
 
 POLICIES = "nodemem.dev/v1alpha1/nodememorypolicies"
 REPORTS = "nodemem.dev/v1alpha1/nodememoryreports"
@@ -41,46 +42,6 @@ def policy(name: str = "shm", **spec: Any) -> dict[str, Any]:
             "tmpfs": [{"path": "/dev/shm", "size": "1Gi"}],
             "shmem": {"unaccountedThreshold": "1Gi"},
             **spec,
-        },
-    }
-
-
-def report_status(generation: int, state: str = "Applied", unaccounted: int = 0) -> dict[str, Any]:
-    return {
-        "policies": [{"name": "shm", "generation": generation}],
-        "tmpfs": [
-            {
-                "path": "/dev/shm",
-                "pattern": "/dev/shm",
-                "policy": "shm",
-                "state": state,
-                "message": "Too small a size for current use" if state == "Refused" else "",
-            }
-        ],
-        "memory": {
-            "totalBytes": 16 * GiB,
-            "availableBytes": 8 * GiB,
-            "shmemBytes": 2 * GiB,
-            "slabBytes": 0,
-            "slabReclaimableBytes": 0,
-            "slabUnreclaimableBytes": 0,
-            "kernelStackBytes": 0,
-            "pageTablesBytes": 0,
-            "vmallocUsedBytes": 0,
-            "processRssBytes": 0,
-        },
-        "shmem": {
-            "totalBytes": 2 * GiB,
-            "attributedBytes": 2 * GiB - unaccounted,
-            "unaccountedBytes": unaccounted,
-            "byKind": {
-                "tmpfs": 2 * GiB - unaccounted,
-                "sysv": 0,
-                "memfd": 0,
-                "sharedAnon": 0,
-                "detachedTmpfs": 0,
-            },
-            "top": [],
         },
     }
 

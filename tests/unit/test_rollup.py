@@ -6,6 +6,7 @@ from typing import Any
 
 from nodemem.api.status import NodeMemoryReportStatus
 from nodemem.controller.rollup import parse_report, rollup
+from samples import report_status
 
 T0, T1 = "2026-11-26T10:00:00Z", "2026-11-26T11:00:00Z"
 GiB = 1 << 30
@@ -28,39 +29,7 @@ def policy(generation: int = 2, **spec: Any) -> dict[str, Any]:
 def report(
     generation: int, *, state: str = "Applied", unaccounted: int = 0
 ) -> NodeMemoryReportStatus:
-    status = parse_report(
-        {
-            "policies": [{"name": "shm", "generation": generation}],
-            "tmpfs": [
-                {
-                    "path": "/dev/shm",
-                    "pattern": "/dev/shm",
-                    "policy": "shm",
-                    "state": state,
-                    "message": "Too small a size for current use" if state == "Refused" else "",
-                }
-            ],
-            "memory": {
-                "totalBytes": 16 * GiB,
-                "availableBytes": 8 * GiB,
-                "shmemBytes": 2 * GiB,
-                "slabBytes": 0,
-                "slabReclaimableBytes": 0,
-                "slabUnreclaimableBytes": 0,
-                "kernelStackBytes": 0,
-                "pageTablesBytes": 0,
-                "vmallocUsedBytes": 0,
-                "processRssBytes": 0,
-            },
-            "shmem": {
-                "totalBytes": 2 * GiB,
-                "attributedBytes": 2 * GiB - unaccounted,
-                "unaccountedBytes": unaccounted,
-                "byKind": {"tmpfs": 2 * GiB - unaccounted},
-                "top": [],
-            },
-        }
-    )
+    status = parse_report(report_status(generation, state=state, unaccounted=unaccounted))
     assert status is not None
     return status
 

@@ -182,6 +182,28 @@ def watch_forever(
             backoff.failed(stop)
 
 
+def start_watch(
+    list_fn: Callable[..., Any],
+    on_list: Callable[[list[Any]], None],
+    on_event: Callable[[str, Any], None],
+    stop: threading.Event,
+    *,
+    metrics: AgentMetrics | None,
+    operation: str,
+    field_selector: str,
+) -> threading.Thread:
+    """`watch_forever` in a daemon thread of its own."""
+    thread = threading.Thread(
+        target=watch_forever,
+        args=(list_fn, on_list, on_event, stop),
+        kwargs={"metrics": metrics, "operation": operation, "field_selector": field_selector},
+        name=operation,
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
 class OwnNode:
     """The agent's own Node: labels (for nodeSelector) and uid (for the report's owner)."""
 
@@ -206,19 +228,15 @@ class OwnNode:
             if type_ in ("ADDED", "MODIFIED"):
                 self._update(node)
 
-        thread = threading.Thread(
-            target=watch_forever,
-            args=(self.core.list_node, on_list, on_event, stop),
-            kwargs={
-                "metrics": metrics,
-                "operation": "watch node",
-                "field_selector": f"metadata.name={self.name}",
-            },
-            name="own-node",
-            daemon=True,
+        return start_watch(
+            self.core.list_node,
+            on_list,
+            on_event,
+            stop,
+            metrics=metrics,
+            operation="watch node",
+            field_selector=f"metadata.name={self.name}",
         )
-        thread.start()
-        return thread
 
 
 class OwnPods:
@@ -249,19 +267,15 @@ class OwnPods:
                 self.pods[pod.metadata.uid] = sanitize(pod)
             self._publish()
 
-        thread = threading.Thread(
-            target=watch_forever,
-            args=(self.core.list_pod_for_all_namespaces, on_list, on_event, stop),
-            kwargs={
-                "metrics": metrics,
-                "operation": "watch pods",
-                "field_selector": f"spec.nodeName={self.node}",
-            },
-            name="own-pods",
-            daemon=True,
+        return start_watch(
+            self.core.list_pod_for_all_namespaces,
+            on_list,
+            on_event,
+            stop,
+            metrics=metrics,
+            operation="watch pods",
+            field_selector=f"spec.nodeName={self.node}",
         )
-        thread.start()
-        return thread
 
 
 class ReportWriter:
