@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodemem.api.status import NodeMemoryReportStatus
-from nodemem.controller.rollup import parse_report, rollup
+from nodemem.controller.rollup import ReportDigest, digest_report, rollup
 from samples import report_status
 
 T0, T1 = "2026-11-26T10:00:00Z", "2026-11-26T11:00:00Z"
@@ -26,10 +25,8 @@ def policy(generation: int = 2, **spec: Any) -> dict[str, Any]:
     }
 
 
-def report(
-    generation: int, *, state: str = "Applied", unaccounted: int = 0
-) -> NodeMemoryReportStatus:
-    status = parse_report(report_status(generation, state=state, unaccounted=unaccounted))
+def report(generation: int, *, state: str = "Applied", unaccounted: int = 0) -> ReportDigest:
+    status = digest_report(report_status(generation, state=state, unaccounted=unaccounted))
     assert status is not None
     return status
 

@@ -20,8 +20,8 @@ from typing import Any
 import kopf
 from kubernetes import client as k8s
 
-from nodemem.api.status import NodeMemoryPolicyStatus, NodeMemoryReportStatus
-from nodemem.controller.rollup import parse_report, rollup
+from nodemem.api.status import NodeMemoryPolicyStatus
+from nodemem.controller.rollup import ReportDigest, digest_report, rollup
 
 log = logging.getLogger("nodemem.controller")
 
@@ -35,7 +35,7 @@ class ClusterState:
 
     policies: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     nodes: dict[str, Mapping[str, str]] = field(default_factory=dict)
-    reports: dict[str, NodeMemoryReportStatus | None] = field(default_factory=dict)
+    reports: dict[str, ReportDigest | None] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
     deleted_nodes: set[str] = field(default_factory=set)
@@ -78,6 +78,10 @@ class Controller:
     async def _startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # no k8s events about our own handlers
         settings.scanning.disabled = True  # cluster-scoped kinds only: no namespace scanning
+        # Memory at 5,000 nodes (bench/controller_scale.py): list in pages, and let the
+        # per-object workers (each holding its last event) go soon after they are idle.
+        settings.watching.chunk_size = 500
+        settings.queueing.idle_timeout = 0.5
         settings.watching.server_timeout = 300
         self.state = ClusterState()
         self._loop_task = asyncio.create_task(self._rollup_loop(self.state))
@@ -115,7 +119,7 @@ class Controller:
         if type == "DELETED":
             state.reports.pop(name, None)
         else:
-            state.reports[name] = parse_report(body.get("status"))
+            state.reports[name] = digest_report(body.get("status"))
         state.changed.set()
 
     # -- the roll-up loop -----------------------------------------------------------
