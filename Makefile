@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/scan.py
 	$(PY) bench/cleanup.py
 	$(PY) bench/exec_latency.py
+	$(PY) bench/controller_scale.py
 
 # The CRDs are generated from the pydantic models; the chart carries the same files.
 crds: $(STAMP)
