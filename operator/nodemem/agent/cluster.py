@@ -11,15 +11,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import kopf
 from kubernetes import client as k8s
-from kubernetes import watch as k8s_watch
+from kubernetes.watch.watch import iter_resp_lines
 
 from nodemem.agent.metrics import AgentMetrics
 from nodemem.agent.report_diff import meaningful_change
@@ -143,10 +144,78 @@ class Backoff:
         self.delay = 0.0
 
 
+class RawApiError(Exception):
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:300].decode(errors='replace')}")
+        self.status = status
+
+
+class RawApi:
+    """JSON requests to the core API, without the client's generated models: importing
+    CoreV1Api loads ~250 model modules, +21 MiB of RSS in an agent on every node."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self.api_client = api_client
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]] = (),
+        body: dict[str, Any] | None = None,
+        timeout: float | tuple[float, float] | None = 30.0,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        method, url, headers, payload, _ = self.api_client.param_serialize(
+            method,
+            path,
+            query_params=list(query),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        return self.api_client.call_api(
+            method, url, header_params=headers, body=payload, _request_timeout=timeout
+        )
+
+    def json(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]] = (),
+        body: dict[str, Any] | None = None,
+    ) -> Any:
+        response = self._request(method, path, query, body)
+        data: bytes = response.read()
+        if not 200 <= response.status < 300:
+            raise RawApiError(response.status, data)
+        return json.loads(data)
+
+    def watch(self, path: str, query: Sequence[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+        """Watch events as dicts; the server ends the stream after `timeoutSeconds`."""
+        response = self._request(
+            "GET",
+            path,
+            [*query, ("watch", "true"), ("timeoutSeconds", "60")],
+            timeout=(10.0, 90.0),
+        )
+        if not 200 <= response.status < 300:
+            raise RawApiError(response.status, response.read())
+        try:
+            for line in iter_resp_lines(response.response):  # type: ignore[no-untyped-call]
+                if line:
+                    yield json.loads(line)
+        finally:
+            response.response.release_conn()
+
+
 def watch_forever(
-    list_fn: Callable[..., Any],
-    on_list: Callable[[list[Any]], None],
-    on_event: Callable[[str, Any], None],
+    api: RawApi,
+    path: str,
+    on_list: Callable[[list[dict[str, Any]]], None],
+    on_event: Callable[[str, dict[str, Any]], None],
     stop: threading.Event,
     *,
     metrics: AgentMetrics | None,
@@ -155,26 +224,24 @@ def watch_forever(
 ) -> None:
     """List, then watch from the list's resourceVersion; re-list on any failure."""
     backoff = Backoff()
+    selector = [("fieldSelector", field_selector)]
     while not stop.is_set():
         try:
-            listed = list_fn(field_selector=field_selector)
-            on_list(listed.items)
-            version = listed.metadata.resource_version
+            listed = api.json("GET", path, selector)
+            on_list(listed.get("items") or [])
+            version = listed["metadata"]["resourceVersion"]
             backoff.succeeded()
             while not stop.is_set():
-                stream = k8s_watch.Watch().stream(  # type: ignore[no-untyped-call]
-                    list_fn,
-                    resource_version=version,
-                    timeout_seconds=60,
-                    field_selector=field_selector,
-                )
-                for event in stream:
+                for event in api.watch(path, [*selector, ("resourceVersion", version)]):
                     if stop.is_set():
                         return
-                    if event["type"] == "ERROR":
-                        raise RuntimeError(f"watch error: {event['object']}")
+                    if event["type"] == "ERROR":  # e.g. 410 Gone: list again
+                        raise RawApiError(event["object"].get("code", 0), b"watch error")
+                    if event["type"] == "BOOKMARK":
+                        version = event["object"]["metadata"]["resourceVersion"]
+                        continue
                     on_event(event["type"], event["object"])
-                    version = event["object"].metadata.resource_version
+                    version = event["object"]["metadata"]["resourceVersion"]
         except Exception as exc:  # API down, 410 Gone, ...: list again after a pause
             if metrics is not None:
                 metrics.api_errors.labels(operation=operation).inc()
@@ -183,9 +250,10 @@ def watch_forever(
 
 
 def start_watch(
-    list_fn: Callable[..., Any],
-    on_list: Callable[[list[Any]], None],
-    on_event: Callable[[str, Any], None],
+    api: RawApi,
+    path: str,
+    on_list: Callable[[list[dict[str, Any]]], None],
+    on_event: Callable[[str, dict[str, Any]], None],
     stop: threading.Event,
     *,
     metrics: AgentMetrics | None,
@@ -195,7 +263,7 @@ def start_watch(
     """`watch_forever` in a daemon thread of its own."""
     thread = threading.Thread(
         target=watch_forever,
-        args=(list_fn, on_list, on_event, stop),
+        args=(api, path, on_list, on_event, stop),
         kwargs={"metrics": metrics, "operation": operation, "field_selector": field_selector},
         name=operation,
         daemon=True,
@@ -207,29 +275,30 @@ def start_watch(
 class OwnNode:
     """The agent's own Node: labels (for nodeSelector) and uid (for the report's owner)."""
 
-    def __init__(self, core: k8s.CoreV1Api, name: str, on_labels: Callable[[dict[str, str]], None]):
-        self.core = core
+    def __init__(self, api: RawApi, name: str, on_labels: Callable[[dict[str, str]], None]):
+        self.api = api
         self.name = name
         self.on_labels = on_labels
         self.uid: str | None = None
         self.seen = threading.Event()
 
-    def _update(self, node: Any) -> None:
-        self.uid = node.metadata.uid
-        self.on_labels(dict(node.metadata.labels or {}))
+    def _update(self, node: dict[str, Any]) -> None:
+        self.uid = node["metadata"]["uid"]
+        self.on_labels(dict(node["metadata"].get("labels") or {}))
         self.seen.set()
 
     def run(self, stop: threading.Event, metrics: AgentMetrics | None) -> threading.Thread:
-        def on_list(items: list[Any]) -> None:
+        def on_list(items: list[dict[str, Any]]) -> None:
             for node in items:
                 self._update(node)
 
-        def on_event(type_: str, node: Any) -> None:
+        def on_event(type_: str, node: dict[str, Any]) -> None:
             if type_ in ("ADDED", "MODIFIED"):
                 self._update(node)
 
         return start_watch(
-            self.core.list_node,
+            self.api,
+            "/api/v1/nodes",
             on_list,
             on_event,
             stop,
@@ -242,8 +311,8 @@ class OwnNode:
 class OwnPods:
     """The pods on this node (spec.nodeName), for oom rules' pod criteria."""
 
-    def __init__(self, core: k8s.CoreV1Api, node: str, on_pods: Callable[[PodDirectory], None]):
-        self.core = core
+    def __init__(self, api: RawApi, node: str, on_pods: Callable[[PodDirectory], None]):
+        self.api = api
         self.node = node
         self.on_pods = on_pods
         self.pods: dict[str, dict[str, Any]] = {}
@@ -252,23 +321,20 @@ class OwnPods:
         self.on_pods(PodDirectory([pod_from_object(p) for p in self.pods.values()]))
 
     def run(self, stop: threading.Event, metrics: AgentMetrics | None) -> threading.Thread:
-        def sanitize(pod: Any) -> dict[str, Any]:
-            plain: dict[str, Any] = self.core.api_client.sanitize_for_serialization(pod)
-            return plain
-
-        def on_list(items: list[Any]) -> None:
-            self.pods = {p.metadata.uid: sanitize(p) for p in items}
+        def on_list(items: list[dict[str, Any]]) -> None:
+            self.pods = {p["metadata"]["uid"]: p for p in items}
             self._publish()
 
-        def on_event(type_: str, pod: Any) -> None:
+        def on_event(type_: str, pod: dict[str, Any]) -> None:
             if type_ == "DELETED":
-                self.pods.pop(pod.metadata.uid, None)
+                self.pods.pop(pod["metadata"]["uid"], None)
             else:
-                self.pods[pod.metadata.uid] = sanitize(pod)
+                self.pods[pod["metadata"]["uid"]] = pod
             self._publish()
 
         return start_watch(
-            self.core.list_pod_for_all_namespaces,
+            self.api,
+            "/api/v1/pods",
             on_list,
             on_event,
             stop,
@@ -292,7 +358,7 @@ class ReportWriter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.custom = k8s.CustomObjectsApi(api_client)
-        self.events = k8s.CoreV1Api(api_client)
+        self.raw = RawApi(api_client)
         self.node = node
         self.heartbeat = heartbeat
         self.node_uid = node_uid
@@ -389,6 +455,6 @@ class ReportWriter:
             "count": 1,
         }
         try:
-            self.events.create_namespaced_event("default", body)  # type: ignore[arg-type]
+            self.raw.json("POST", "/api/v1/namespaces/default/events", body=body)
         except Exception as exc:
             self._api_error("create event", exc)

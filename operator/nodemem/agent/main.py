@@ -21,6 +21,7 @@ from nodemem.agent.cluster import (
     ClusterPolicies,
     OwnNode,
     OwnPods,
+    RawApi,
     ReportWriter,
     run_policy_feed,
 )
@@ -69,7 +70,8 @@ class Reporter:
         applied = agent.state.last_apply or ApplyResult()
         started = time.perf_counter()
         scan = scan_node(self.paths)
-        preview = oom_preview(self.paths, predict_victims(self.paths), agent.pods)
+        prediction = predict_victims(self.paths, statuses=scan.processes)
+        preview = oom_preview(self.paths, prediction, agent.pods)
         host = host_report(scan, top=10, oom=preview)
         self.metrics.observe_host(host, time.perf_counter() - started)
         self.metrics.observe_apply(apply_report(effective, applied, dry_run=agent.settings.dry_run))
@@ -158,7 +160,7 @@ class ClusterAgent:
 
     def run(self) -> None:
         options, agent, stop = self.options, self.agent, self.stop
-        core = k8s.CoreV1Api(self.api_client)
+        core = RawApi(self.api_client)
 
         def node_labels(labels: dict[str, str]) -> None:
             agent.set_node_labels(labels)

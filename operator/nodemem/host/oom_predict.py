@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def predict_victims(
     cgroup: str | None = None,
     limit: int = 10,
     kernel_release: str | None = None,
+    statuses: Mapping[int, ProcStatus] | None = None,
 ) -> OomPrediction:
     """The processes the OOM killer would take, in order.
 
@@ -122,6 +124,8 @@ def predict_victims(
     cannot have an OOM of its own: its processes are then ranked as in a node OOM.
 
     `kernel_release` defaults to `os.uname().release` (the agent shares the host kernel).
+    `statuses` are /proc/PID/status already read in this pass (the attribution scan
+    reads them all): they are reused instead of read again.
     Raises FileNotFoundError for a cgroup that does not exist, LookupError when no
     memory cgroup hierarchy is mounted.
     """
@@ -141,7 +145,8 @@ def predict_victims(
     unreadable = 0
     for pid in pids:
         try:
-            status = read_status(paths, pid)
+            known = statuses.get(pid) if statuses is not None else None
+            status = known if known is not None else read_status(paths, pid)
             adj = read_oom_score_adj(paths, pid)
         except ProcessGone:
             continue
