@@ -161,3 +161,39 @@ def test_agent_command_stops_cleanly_on_sigint(mount_tmpfs, tmp_path) -> None:
     log = agent.stderr.read()
     assert "policies in force: agent-test/1" in log
     assert "Traceback" not in log
+
+
+def test_resyncs_reread_only_new_processes_while_exec_events_flow(
+    mount_tmpfs, tmp_path, processes
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    token = f"{secrets.randbelow(10**6) + 10**6}"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(manifest(point, token)))
+    processes.append(subprocess.Popen(["sleep", f"{token}.1"]))
+    pid = processes[-1].pid
+    agent = NodeAgent(
+        HostPaths(),
+        PolicyFile(policy),
+        settings=AgentSettings(resync_seconds=0.05, poll_seconds=0.05, full_oom_rescan_every=10**6),
+        wall_clock=FakeWallClock(),
+    )
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: adj(pid) == 700)
+        # Someone resets it behind the agent's back: no exec, so no event; the settled
+        # process is not re-read by the next resyncs, which still count it.
+        Path(f"/proc/{pid}/oom_score_adj").write_text("0")
+        resyncs = agent.state.resyncs
+        wait_for(lambda: agent.state.resyncs >= resyncs + 5)
+        assert adj(pid) == 0
+        last = agent.state.last_apply
+        assert last is not None and last.oom.matched == 1
+        assert last.oom.states["Unchanged"] == 1
+        # A policy change re-reads everything.
+        policy.write_text(yaml.safe_dump(manifest(point, token, oom_adj=701)))
+        wait_for(lambda: adj(pid) == 701)
+    finally:
+        agent.stop()
+        thread.join(5)

@@ -12,7 +12,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from nodemem.api.policy import NodeMemoryPolicy
@@ -25,10 +25,11 @@ from nodemem.host.proc_connector import (
     ProcConnector,
     ProcConnectorUnavailable,
 )
+from nodemem.host.procfs import ProcessGone, ProcessUnreadable, list_pids, start_time
 from nodemem.host.shmem import scan_node
 from nodemem.policy.apply import ApplyResult, apply_cleanups, apply_tmpfs
 from nodemem.policy.effective import EffectivePolicy, effective_policy
-from nodemem.policy.oom import OomResult, apply_oom_rules, apply_to_process
+from nodemem.policy.oom import OomOutcome, OomResult, apply_to_process
 from nodemem.policy.pods import PodDirectory
 from nodemem.policy.report import cleanup_status
 from nodemem.policy.schedule import CleanupClock
@@ -45,6 +46,14 @@ class AgentSettings:
     poll_seconds: float = 1.0  # how often the policy source is asked for changes
     dry_run: bool = False
     use_proc_connector: bool = True
+    # While exec events flow, a resync re-reads only processes it has not seen; every
+    # this many resyncs it re-reads all (a cgroup move or a prctl rename has no event).
+    full_oom_rescan_every: int = 10
+
+
+# Outcomes worth remembering for a process: trying again gives the same answer until the
+# process execs (an event) or the policy or the pods change (the cache is dropped).
+_SETTLED = frozenset({"Adjusted", "Unchanged", "Planned", "Forbidden"})
 
 
 @dataclass
@@ -77,7 +86,12 @@ class NodeAgent:
         self._labels_changed = False
         self._last_policies: Sequence[NodeMemoryPolicy] = ()
         self.on_cycle = on_cycle  # after every resync and cleanup run: the report writer
-        self.pods = pods or PodDirectory()
+        # (pid, start time) -> the oom outcome last applied (None: no rule matches).
+        self._settled: dict[int, tuple[int, OomOutcome | None]] = {}
+        self._settled_for = -1  # the inputs version the settled outcomes were computed for
+        self._connector_active = False
+        self._pods = pods or PodDirectory()
+        self._inputs_version = 0  # bumped when the policy or the pods change
         self.settings = settings or AgentSettings()
         self.state = AgentState()
         self.clock = CleanupClock()
@@ -87,6 +101,16 @@ class NodeAgent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    @property
+    def pods(self) -> PodDirectory:
+        return self._pods
+
+    @pods.setter
+    def pods(self, pods: PodDirectory) -> None:
+        """The pods on this node changed (from another thread): pod criteria re-match."""
+        self._pods = pods
+        self._inputs_version += 1
 
     def set_node_labels(self, labels: dict[str, str]) -> None:
         """The node's labels changed (from another thread): re-select policies."""
@@ -115,6 +139,7 @@ class NodeAgent:
             log.warning("proc connector unavailable (%s): oom rules rescan every resync", exc)
             return None
         self.state.connector_active = True
+        self._connector_active = True
         return connector
 
     def _loop(self, connector: ProcConnector | None) -> None:
@@ -152,8 +177,10 @@ class NodeAgent:
         for event in connector.read_events():
             if isinstance(event, LostEvents):
                 log.warning("proc connector lost events: rescanning every process")
-                self._apply_oom_everywhere()
+                self._apply_oom_everywhere(full=True)
                 continue
+            if event.what is EventType.EXEC:
+                self._settled.pop(event.tgid, None)  # a new program: a new identity
             if event.what is EventType.EXEC and effective is not None and effective.oom:
                 outcome = apply_to_process(
                     self.paths, event.tgid, effective.oom, self.pods, dry_run=self.settings.dry_run
@@ -173,6 +200,7 @@ class NodeAgent:
         self._last_policies = policies
         effective = effective_policy(policies, self.node_labels, self.memory_total)
         self.state.effective = effective
+        self._inputs_version += 1
         self.clock.track(
             {item.name: item.item.schedule for item in effective.cleanup}, self.wall_clock()
         )
@@ -190,7 +218,8 @@ class NodeAgent:
             result.tmpfs.extend(
                 apply_tmpfs(self.paths, item, dry_run=self.settings.dry_run, pods=self.pods)
             )
-        result.oom = self._apply_oom_everywhere()
+        full = self.state.resyncs % max(1, self.settings.full_oom_rescan_every) == 0
+        result.oom = self._apply_oom_everywhere(full=full)
         self.state.last_apply = result
         self.state.resyncs += 1
         for outcome in result.tmpfs:
@@ -207,11 +236,44 @@ class NodeAgent:
             except Exception:  # reporting must never stop enforcement
                 log.exception("reporting failed")
 
-    def _apply_oom_everywhere(self) -> OomResult:
+    def _apply_oom_everywhere(self, *, full: bool) -> OomResult:
+        """Apply the oom rules to every process; re-read only new ones when exec events
+        keep the others current (see AgentSettings.full_oom_rescan_every)."""
         effective = self.state.effective
         if effective is None or not effective.oom:
             return OomResult()
-        return apply_oom_rules(self.paths, effective.oom, self.pods, dry_run=self.settings.dry_run)
+        version = self._inputs_version
+        if full or not self._connector_active or version != self._settled_for:
+            self._settled.clear()
+            self._settled_for = version
+        result = OomResult()
+        seen: set[int] = set()
+        for pid in list_pids(self.paths):
+            try:
+                started = start_time(self.paths, pid)
+            except (ProcessGone, ProcessUnreadable):
+                continue
+            seen.add(pid)
+            cached = self._settled.get(pid)
+            if cached is not None and cached[0] == started:
+                outcome = cached[1]
+                if outcome is not None:
+                    result.record(_as_settled(outcome))
+                continue
+            try:
+                outcome = apply_to_process(
+                    self.paths, pid, effective.oom, self.pods, dry_run=self.settings.dry_run
+                )
+            except ProcessUnreadable:
+                result.unreadable += 1
+                continue
+            if outcome is None or outcome.state in _SETTLED:
+                self._settled[pid] = (started, outcome)
+            if outcome is not None:
+                result.record(outcome)
+        for pid in self._settled.keys() - seen:
+            del self._settled[pid]
+        return result
 
     def _run_due_cleanups(self) -> None:
         effective = self.state.effective
@@ -241,3 +303,16 @@ class NodeAgent:
         if self.state.last_apply is not None:
             self.state.last_apply.cleanup = outcomes
         self._cycle_done()
+
+
+def _as_settled(outcome: OomOutcome) -> OomOutcome:
+    """What applying the same rule again would report: a value written earlier is now
+    simply in place."""
+    if outcome.state != "Adjusted":
+        return outcome
+    return replace(
+        outcome,
+        state="Unchanged",
+        previous=outcome.requested,
+        message=f"already {outcome.requested}",
+    )

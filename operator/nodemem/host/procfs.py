@@ -139,3 +139,16 @@ def read_text(paths: HostPaths, pid: int, name: str) -> str:
             return file.read()
     except OSError as exc:
         raise classify(pid, name, exc) from exc
+
+
+def start_time(paths: HostPaths, pid: int) -> int:
+    """Field 22 of /proc/PID/stat: when the process started (clock ticks since boot).
+    With the pid it names one process over time (pids are reused)."""
+    try:
+        with open(f"{paths.proc_root}/{pid}/stat") as file:
+            text = file.read()
+    except OSError as exc:
+        raise classify(pid, "stat", exc) from exc
+    # The comm field may contain spaces and parentheses: fields resume after the last ")".
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[19])
