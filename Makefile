@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/cleanup.py
 	$(PY) bench/exec_latency.py
 	$(PY) bench/controller_scale.py
+	$(PY) bench/agent_load.py
 
 # The CRDs are generated from the pydantic models; the chart carries the same files.
 crds: $(STAMP)
