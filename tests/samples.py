@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 GiB = 1 << 30
@@ -60,3 +63,21 @@ class FakeWallClock:
 
     def __call__(self) -> datetime:
         return self.now
+
+
+def write(path: Path, *, age: float = 0.0, size: int = 1) -> Path:
+    """A file of `size` bytes whose atime and mtime are `age` seconds old."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    stamp = time.time() - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def names(root: Path) -> set[str]:
+    """Every file and symlink below root, as paths relative to it."""
+    return {
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_symlink() or not path.is_dir()
+    }

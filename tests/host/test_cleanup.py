@@ -20,6 +20,7 @@ import pytest
 from nodemem.host.cleanup import CleanupResult, CleanupSpec, HeldOpenFile, run_cleanup
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
+from samples import names, write
 
 pytestmark = pytest.mark.privileged
 
@@ -70,23 +71,6 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     for child in children:
         child.kill()
         child.wait(timeout=10)
-
-
-def write(path: Path, *, age: float = 0.0, size: int = 1) -> Path:
-    """A file of `size` bytes whose atime and mtime are `age` seconds old."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x" * size)
-    stamp = time.time() - age
-    os.utime(path, (stamp, stamp))
-    return path
-
-
-def names(root: Path) -> set[str]:
-    return {
-        str(path.relative_to(root))
-        for path in root.rglob("*")
-        if path.is_symlink() or not path.is_dir()
-    }
 
 
 def clean(host: HostPaths, *paths: str, dry_run: bool = False, **options: Any) -> CleanupResult:

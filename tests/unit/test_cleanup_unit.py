@@ -21,27 +21,10 @@ from nodemem.host import cleanup
 from nodemem.host.cleanup import CleanupResult, CleanupSpec, HeldOpenFile, run_cleanup
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
+from samples import names, write
 
 HOUR = 3600.0
 NO_HOLDERS: dict[tuple[int, int], Sequence[Holder]] = {}
-
-
-def write(path: Path, *, age: float = 0.0, size: int = 1) -> Path:
-    """A file of `size` bytes whose atime and mtime are `age` seconds old."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x" * size)
-    stamp = time.time() - age
-    os.utime(path, (stamp, stamp))
-    return path
-
-
-def names(root: Path) -> set[str]:
-    """Every file and symlink below root, as paths relative to it."""
-    return {
-        str(path.relative_to(root))
-        for path in root.rglob("*")
-        if path.is_symlink() or not path.is_dir()
-    }
 
 
 @pytest.fixture
