@@ -89,7 +89,6 @@ class NodeAgent:
         # (pid, start time) -> the oom outcome last applied (None: no rule matches).
         self._settled: dict[int, tuple[int, OomOutcome | None]] = {}
         self._settled_for = -1  # the inputs version the settled outcomes were computed for
-        self._connector_active = False
         self._pods = pods or PodDirectory()
         self._inputs_version = 0  # bumped when the policy or the pods change
         self.settings = settings or AgentSettings()
@@ -139,7 +138,6 @@ class NodeAgent:
             log.warning("proc connector unavailable (%s): oom rules rescan every resync", exc)
             return None
         self.state.connector_active = True
-        self._connector_active = True
         return connector
 
     def _loop(self, connector: ProcConnector | None) -> None:
@@ -243,7 +241,7 @@ class NodeAgent:
         if effective is None or not effective.oom:
             return OomResult()
         version = self._inputs_version
-        if full or not self._connector_active or version != self._settled_for:
+        if full or not self.state.connector_active or version != self._settled_for:
             self._settled.clear()
             self._settled_for = version
         result = OomResult()
