@@ -92,10 +92,9 @@ class Reporter:
         for rule, states in agent.state.exec_oom.per_rule.items():
             seen = self._exec_counts.setdefault(rule, Counter())
             for state, count in states.items():
-                for _ in range(count - seen[state]):
-                    self.metrics.observe_exec_adjustment(
-                        rule, failed=state in ("Forbidden", "Failed")
-                    )
+                new = count - seen[state]
+                if new and state in ("Adjusted", "Forbidden", "Failed"):  # not Unchanged
+                    self.metrics.observe_exec_adjustments(rule, new, failed=state != "Adjusted")
             self._exec_counts[rule] = Counter(states)
 
     def _observe_cleanups(self, agent: NodeAgent) -> None:

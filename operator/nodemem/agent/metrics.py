@@ -80,8 +80,8 @@ class AgentMetrics:
             self.cleanup_freed.labels(rule=rule).inc(freed_bytes)
         self.cleanup_held.labels(rule=rule).set(held_open)
 
-    def observe_exec_adjustment(self, rule: str, failed: bool) -> None:
-        (self.oom_failures if failed else self.oom_adjusted).labels(rule=rule).inc()
+    def observe_exec_adjustments(self, rule: str, count: int, *, failed: bool) -> None:
+        (self.oom_failures if failed else self.oom_adjusted).labels(rule=rule).inc(count)
 
 
 def serve(

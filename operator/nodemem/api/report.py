@@ -167,15 +167,20 @@ class CleanupStatus(ReportModel):
     errors: list[str] = Field(default_factory=list)
 
 
-class OomRuleStatus(ReportModel):
-    name: str
-    policy: str
+class OomCounts(ReportModel):
+    """What became of the processes oom rules matched."""
+
     matched: int = 0
     adjusted: int = 0
     unchanged: int = 0
     forbidden: int = 0
     failed: int = 0
-    planned: int = 0
+    planned: int = Field(default=0, description="Dry run: processes that would be adjusted.")
+
+
+class OomRuleStatus(OomCounts):
+    name: str
+    policy: str
 
 
 class OomFailure(ReportModel):
@@ -186,15 +191,9 @@ class OomFailure(ReportModel):
     message: str
 
 
-class OomStatus(ReportModel):
+class OomStatus(OomCounts):
     """oom_score_adj rules: how many processes matched and what became of them."""
 
-    matched: int = 0
-    adjusted: int = 0
-    unchanged: int = 0
-    forbidden: int = 0
-    failed: int = 0
-    planned: int = Field(default=0, description="Dry run: processes that would be adjusted.")
     rules: list[OomRuleStatus] = Field(default_factory=list)
     failures: list[OomFailure] = Field(
         default_factory=list, description="The first processes that could not be adjusted."

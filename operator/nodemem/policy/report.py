@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from nodemem.api.report import (
     ApplyReport,
@@ -11,6 +12,7 @@ from nodemem.api.report import (
     HeldOpenFile,
     HostReport,
     MemorySummary,
+    OomCounts,
     OomFailure,
     OomPreview,
     OomRuleStatus,
@@ -140,32 +142,28 @@ def cleanup_status(outcome: CleanupOutcome) -> CleanupStatus:
 
 
 def oom_status(rules: Sequence[EffectiveOomRule], result: OomResult) -> OomStatus:
-    def counts(states: Mapping[str, int]) -> dict[str, int]:
-        return {
-            "matched": sum(states.values()),
-            "adjusted": states.get(AdjState.ADJUSTED.value, 0),
-            "unchanged": states.get(AdjState.UNCHANGED.value, 0),
-            "forbidden": states.get(AdjState.FORBIDDEN.value, 0),
-            "failed": states.get(AdjState.FAILED.value, 0) + states.get(AdjState.REFUSED.value, 0),
-            "planned": states.get(PLANNED, 0),
-        }
+    def counts(states: Mapping[str, int]) -> dict[str, Any]:
+        return OomCounts(
+            matched=sum(states.values()),
+            adjusted=states.get(AdjState.ADJUSTED.value, 0),
+            unchanged=states.get(AdjState.UNCHANGED.value, 0),
+            forbidden=states.get(AdjState.FORBIDDEN.value, 0),
+            failed=states.get(AdjState.FAILED.value, 0) + states.get(AdjState.REFUSED.value, 0),
+            planned=states.get(PLANNED, 0),
+        ).model_dump()
 
     failures = [
         OomFailure(pid=o.pid, comm=o.comm, rule=o.rule, state=o.state, message=o.message)
         for o in result.outcomes
         if o.state in FAILED_ADJ_STATES
     ]
-    return OomStatus.model_validate(
-        {
-            **counts(result.states),
-            "rules": [
-                OomRuleStatus(
-                    name=r.name, policy=r.policy, **counts(result.per_rule.get(r.name, {}))
-                )
-                for r in rules
-            ],
-            "failures": failures[:MAX_FILES_LISTED],
-        }
+    return OomStatus(
+        **counts(result.states),
+        rules=[
+            OomRuleStatus(name=r.name, policy=r.policy, **counts(result.per_rule.get(r.name, {})))
+            for r in rules
+        ],
+        failures=failures[:MAX_FILES_LISTED],
     )
 
 
