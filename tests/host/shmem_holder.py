@@ -17,8 +17,18 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
 libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 libc.shmdt.argtypes = (ctypes.c_void_p,)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long)
 IPC_PRIVATE, IPC_CREAT = 0, 0o1000
 CHUNK = b"\xa5" * (1 << 20)
+
+
+def map_shared(fd: int, size: int) -> int:
+    """mmap(MAP_SHARED) of `fd` that holds no fd (unmapped when the process exits)."""
+    address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    return int(address)
 
 
 def fill(fd: int, size: int) -> None:
@@ -53,10 +63,11 @@ def main() -> None:
     elif kind == "memfd-mapped-only":
         fd = os.memfd_create(path or "nodemem-test")
         os.ftruncate(fd, size)
-        area = mmap.mmap(fd, size)
-        area.write(CHUNK * (size >> 20))
+        # libc mmap, not mmap.mmap: CPython's mmap object keeps a dup of the fd, and
+        # then the fd scan, not the maps scan, would find the memfd.
+        address = map_shared(fd, size)
+        ctypes.memset(address, 0xA5, size)
         os.close(fd)
-        keep.append(area)
     elif kind == "shared-anon":
         area = mmap.mmap(-1, size)  # MAP_SHARED|MAP_ANONYMOUS: shmem
         area.write(CHUNK * (size >> 20))

@@ -31,7 +31,7 @@ from nodemem.agent.state_dir import StateDir
 from nodemem.api.status import NodeMemoryReportStatus
 from nodemem.host.oom_predict import predict_victims
 from nodemem.host.paths import HostPaths
-from nodemem.host.shmem import scan_node
+from nodemem.host.shmem import ShmemTracker
 from nodemem.kube import kopf_login
 from nodemem.policy.apply import ApplyResult
 from nodemem.policy.effective import EffectivePolicy
@@ -62,6 +62,7 @@ class Reporter:
         self.writer = writer
         self.metrics = metrics
         self.paths = paths
+        self.tracker = ShmemTracker(paths)  # re-reads only changed processes, all every 10
         self._exec_counts: dict[str, Counter[str]] = {}
         self._cleanup_runs: dict[str, str | None] = {}
 
@@ -69,7 +70,7 @@ class Reporter:
         effective = agent.state.effective or EffectivePolicy((), (), (), (), None)
         applied = agent.state.last_apply or ApplyResult()
         started = time.perf_counter()
-        scan = scan_node(self.paths)
+        scan = self.tracker.scan()
         prediction = predict_victims(self.paths, statuses=scan.processes)
         preview = oom_preview(self.paths, prediction, agent.pods)
         host = host_report(scan, top=10, oom=preview)

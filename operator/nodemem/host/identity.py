@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from nodemem.host.paths import HostPaths
-from nodemem.host.procfs import ProcessGone, classify, parse_status
+from nodemem.host.procfs import ProcessGone, classify, parse_status, printable
 
 QosClass = Literal["Guaranteed", "Burstable", "BestEffort"]
 
@@ -217,7 +217,7 @@ def read_identity(paths: HostPaths, pid: int) -> ProcessIdentity:
     cmdline = _read_bytes(paths, pid, "cmdline").decode(errors="replace")
     cgroup_text = _read_bytes(paths, pid, "cgroup").decode(errors="replace")
     try:
-        exe: str | None = os.readlink(paths.proc(pid, "exe"))
+        exe: str | None = printable(os.readlink(paths.proc(pid, "exe")))
     except OSError as exc:
         if not paths.proc(pid).exists():
             raise ProcessGone(pid) from exc

@@ -6,6 +6,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from nodemem.host.procfs import read_proc_text
+
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
 SHMEM_FSTYPES = frozenset({"tmpfs", "devtmpfs"})
@@ -93,8 +95,7 @@ def devtmpfs_devs(proc_root: str) -> set[int]:
     devs: set[int] = set()
     for reader in ("self", "1"):
         try:
-            with open(f"{proc_root}/{reader}/mountinfo") as file:
-                mounts = parse_mountinfo(file.read())
+            mounts = parse_mountinfo(read_proc_text(f"{proc_root}/{reader}/mountinfo"))
         except (OSError, MountinfoError):
             continue
         devs.update(mount.dev for mount in mounts if mount.fstype == "devtmpfs")

@@ -27,6 +27,7 @@ from nodemem.host.procfs import (
     ProcessUnreadable,
     ProcStatus,
     list_pids,
+    read_proc_text,
     read_status,
 )
 
@@ -221,8 +222,7 @@ def _memory_hierarchy(paths: HostPaths) -> Mount:
         if paths.host_root == Path("/")
         else paths.proc(1, "mountinfo")
     )
-    with open(source) as file:
-        mounts = parse_mountinfo(file.read())
+    mounts = parse_mountinfo(read_proc_text(str(source)))
     v1 = [m for m in mounts if m.fstype == "cgroup" and "memory" in m.super_options.split(",")]
     if v1:
         return min(v1, key=lambda m: len(m.root))  # prefer the whole hierarchy over binds

@@ -11,6 +11,12 @@ five are combined, each keyed so that nothing is counted twice:
 
 Deleted-but-open files on a mounted tmpfs are already inside that tmpfs's statfs
 figure: they are listed with their holder, never added again.
+
+The fd and maps reads cost ~5x the status reads (kernel-memory.md §3). `ShmemTracker`
+runs the agent's repeated passes as §2.4 recommends: a process's fds are read again
+when their count changed, its maps when RssShmem or VmSize changed; otherwise what it
+held last time is stat'ed again (fresh bytes; a changed dev, inode or link count means
+a re-read), and every few passes everything is read. `scan_node()` is a full pass.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from nodemem.host.identity import read_pod_cgroup
@@ -32,6 +39,7 @@ from nodemem.host.procfs import (
     ProcStatus,
     classify,
     namespace_id,
+    printable,
     read_status,
     read_text,
 )
@@ -107,6 +115,7 @@ class ShmemAttribution:
 
 @dataclass
 class NodeScan:
+    full: bool  # every process's fds and maps were read (not replayed from the last pass)
     memory: MemoryBreakdown
     processes: dict[int, ProcStatus]
     shmem: ShmemAttribution
@@ -133,6 +142,35 @@ def shm_mnt_dev() -> int | None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class _HeldFile:
+    """An fd or mapping of a file that may hold Shmem, as the last read found it."""
+
+    via: str  # /proc/PID/fd/N or /proc/PID/map_files/RANGE
+    link: str  # what the fd's link or the maps line named
+    dev: int
+    ino: int
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What one read of a process's fds or maps found, and the signal it was read at."""
+
+    signal: object  # fds: the fd count; maps: (RssShmem, VmSize). Falsy: always read.
+    held: list[_HeldFile]
+    refusals: list[UnreadableProcess]
+
+
+@dataclass
+class _ProcessMemo:
+    """What one process held at the last read; reused while its cheap signals hold."""
+
+    token: tuple[int, str, int]  # /proc/PID inode, comm, ppid: new process, exec, reparent
+    namespaces: dict[str, int] = field(default_factory=dict)
+    namespace_refusals: list[UnreadableProcess] = field(default_factory=list)
+    parts: dict[str, _Part] = field(default_factory=dict)  # "fd", "maps"
+
+
 @dataclass
 class _Superblock:
     dev: int
@@ -143,8 +181,14 @@ class _Superblock:
 
 
 class _Scanner:
-    def __init__(self, paths: HostPaths) -> None:
+    def __init__(
+        self, paths: HostPaths, previous: Mapping[int, _ProcessMemo] | None = None
+    ) -> None:
         self.paths = paths
+        self.previous = previous or {}
+        self.memo: dict[int, _ProcessMemo] = {}
+        self.reused: dict[int, _ProcessMemo] = {}  # previous memos of unchanged processes
+        self.fresh: dict[tuple[int, int], os.stat_result] = {}  # stat'ed in this pass
         self.processes: dict[int, ProcStatus] = {}
         self.unreadable: list[UnreadableProcess] = []
         self.vanished = 0
@@ -175,10 +219,10 @@ class _Scanner:
     # -- processes and namespaces -----------------------------------------------------
 
     def read_processes(self) -> None:
-        for name in os.listdir(self.paths.proc_root):
-            if not name.isdigit():
+        for entry in os.scandir(self.paths.proc_root):
+            if not entry.name.isdigit():
                 continue
-            pid = int(name)
+            pid = int(entry.name)
             try:
                 status = read_status(self.paths, pid)
             except ProcessGone:
@@ -190,17 +234,50 @@ class _Scanner:
             if status.kthread:
                 continue
             self.processes[pid] = status
-            for kind, table in (("mnt", self.mnt_ns), ("ipc", self.ipc_ns)):
-                try:
-                    ns = namespace_id(self.paths, pid, kind)
-                except ProcessGone:
-                    break
-                except ProcessUnreadable as exc:
-                    self.refused(pid, exc.what, exc.error.strerror or str(exc.error))
-                    continue
-                table[ns].append(pid)
-                if kind == "ipc":
-                    self.pid_ipc_ns[pid] = ns
+            try:
+                token = (entry.inode(), status.comm, status.ppid)
+            except OSError:
+                token = (-1, status.comm, status.ppid)
+            memo = self.memo[pid] = _ProcessMemo(token)
+            previous = self.previous.get(pid)
+            if previous is not None and previous.token == token:
+                self.reused[pid] = previous
+                memo.namespaces = previous.namespaces
+                memo.namespace_refusals = previous.namespace_refusals
+                self.unreadable.extend(memo.namespace_refusals)
+            else:
+                before = len(self.unreadable)
+                memo.namespaces = self.read_namespaces(pid)
+                memo.namespace_refusals = self.unreadable[before:]
+            for kind, ns in memo.namespaces.items():
+                (self.mnt_ns if kind == "mnt" else self.ipc_ns)[ns].append(pid)
+            if "ipc" in memo.namespaces:
+                self.pid_ipc_ns[pid] = memo.namespaces["ipc"]
+
+    def read_namespaces(self, pid: int) -> dict[str, int]:
+        namespaces: dict[str, int] = {}
+        for kind in ("mnt", "ipc"):
+            try:
+                namespaces[kind] = namespace_id(self.paths, pid, kind)
+            except ProcessGone:
+                break
+            except ProcessUnreadable as exc:
+                self.refused(pid, exc.what, exc.error.strerror or str(exc.error))
+        return namespaces
+
+    def reuse_or_read(
+        self, pid: int, part: str, signal: object, read: Callable[[], list[_HeldFile]]
+    ) -> None:
+        """Replays what `pid` held at the last read while `signal` is unchanged, else reads."""
+        previous = self.reused.get(pid)
+        last = previous.parts.get(part) if previous is not None else None
+        if last is not None and signal and last.signal == signal and self.replay(pid, last.held):
+            self.memo[pid].parts[part] = last
+            self.unreadable.extend(last.refusals)
+            return
+        before = len(self.unreadable)
+        held = read()
+        self.memo[pid].parts[part] = _Part(signal, held, self.unreadable[before:])
 
     def own_namespace(self, kind: str) -> int | None:
         try:
@@ -257,23 +334,66 @@ class _Scanner:
     def scan_fds(self, pid: int) -> None:
         fd_dir = f"{self.paths.proc_root}/{pid}/fd"
         try:
+            # The number of open fds (kernel 6.2+). Before 6.2 always 0: no signal, read.
+            fd_count = os.stat(fd_dir).st_size
+        except OSError:
+            fd_count = 0
+        self.reuse_or_read(pid, "fd", fd_count, lambda: self.read_fds(pid, fd_dir))
+
+    def read_fds(self, pid: int, fd_dir: str) -> list[_HeldFile]:
+        """Attributes the open files of `pid`; returns those that may hold Shmem."""
+        held: list[_HeldFile] = []
+        try:
             fds = os.listdir(fd_dir)
         except OSError as exc:
             self.fd_error(pid, exc)
-            return
+            return held
         holder = self.holder(pid)
         for fd in fds:
             fd_path = f"{fd_dir}/{fd}"
             try:
-                link = os.readlink(fd_path)
+                link = printable(os.readlink(fd_path))
                 if not link.startswith("/"):
                     continue  # socket:, pipe:, anon_inode:
                 st = os.stat(fd_path)
             except OSError as exc:
                 if self.fd_error(pid, exc):
-                    return
+                    break
                 continue
-            self.classify_file(pid, holder, link, st, fd_path)
+            if self.classify_file(pid, holder, link, st, fd_path):
+                self.fresh[(st.st_dev, st.st_ino)] = st
+                held.append(_HeldFile(fd_path, link, st.st_dev, st.st_ino))
+        return held
+
+    def replay(self, pid: int, held: list[_HeldFile]) -> bool:
+        """Attributes again what `pid` held at the last read; False if any of it changed."""
+        holder = self.holder(pid)
+        for item in held:
+            if item.link.startswith("/SYSV"):  # a SysV attach: its bytes come from sysvipc
+                self.note_sysv_attach(pid, holder, item.dev, item.ino)
+                continue
+            st = self.restat(item)
+            if st is None:
+                return False
+            self.classify_file(pid, holder, item.link, st, item.via)
+        return True
+
+    def restat(self, item: _HeldFile) -> os.stat_result | None:
+        """Fresh stat of a held file (once per file and pass); None if it changed."""
+        key = (item.dev, item.ino)
+        st = self.fresh.get(key)
+        if st is None:
+            try:
+                st = os.stat(item.via)
+            except OSError:
+                return None  # closed, unmapped or exited
+            if (st.st_dev, st.st_ino) != key:
+                return None  # the fd number or address range now holds another file
+            self.fresh[key] = st
+        # Unlinked (or linked again) since the read: the link text, and the report, differ.
+        if item.dev != self.shm_dev and (st.st_nlink == 0) != item.link.endswith(_DELETED):
+            return None
+        return st
 
     def fd_error(self, pid: int, exc: OSError) -> bool:
         """Record a refusal; True when the whole process is unreadable or gone."""
@@ -285,27 +405,29 @@ class _Scanner:
 
     def classify_file(
         self, pid: int, holder: Holder, link: str, st: os.stat_result, via: str
-    ) -> None:
+    ) -> bool:
+        """Attributes one open or mapped file; True when it may hold Shmem."""
         dev, ino = st.st_dev, st.st_ino
         if dev == self.shm_dev:
             self.add_shm_mnt_object(holder, link, st)
-            return
+            return True
         sb = self.superblocks.get(dev)
         if sb is not None:
             if not stat.S_ISREG(st.st_mode):
-                return  # /dev/null and friends on devtmpfs hold no memory
+                return False  # /dev/null and friends on devtmpfs hold no memory
             self.open_tmpfs_files[(dev, ino)][pid] = holder.comm
-            if link.endswith(_DELETED) and stat.S_ISREG(st.st_mode):
+            if link.endswith(_DELETED):
                 self.add_deleted(pid, holder, link, st)
             if sb.used is None:  # covered or otherwise unreachable: measure through the fd
                 self.measure_through(sb, via)
             self.tmpfs_object(sb).add_holder(holder)
-            return
+            return True
         if dev in self.all_devs:
-            return
-        fs_type = self.foreign_type(dev, via)
-        if fs_type == TMPFS_MAGIC:
+            return False
+        if self.foreign_type(dev, via) == TMPFS_MAGIC:
             self.add_detached(holder, link, st, via)
+            return True
+        return False
 
     def foreign_type(self, dev: int, via: str) -> int | None:
         if dev not in self.foreign_devs:
@@ -374,36 +496,53 @@ class _Scanner:
     # -- (e) shared anonymous memory and mapped-only memfds ---------------------------
 
     def scan_maps(self, pid: int) -> None:
+        status = self.processes[pid]
+        if status.rss_shmem_bytes == 0:
+            return  # the cheap pre-filter: no shmem pages mapped
+        signal = (status.rss_shmem_bytes, status.vm_size_bytes)
+        self.reuse_or_read(pid, "maps", signal, lambda: self.read_maps(pid))
+
+    def read_maps(self, pid: int) -> list[_HeldFile]:
+        """Attributes the shared mappings of `pid`; returns those that may hold Shmem."""
+        held: list[_HeldFile] = []
         try:
             mappings = file_mappings(read_text(self.paths, pid, "maps"), self.boring_map_devs)
         except ProcessGone:
-            return
+            return held
         except ProcessUnreadable as exc:
             self.refused(pid, "maps", exc.error.strerror or str(exc.error))
-            return
+            return held
         holder = self.holder(pid)
         seen: set[tuple[int, int]] = set()
         for mapping in mappings:
-            if mapping.path.startswith("/SYSV"):
-                self.note_sysv_attach(pid, holder, mapping.dev, mapping.inode)
-                continue
             key = (mapping.dev, mapping.inode)
             if key in seen:
                 continue
             seen.add(key)
-            if not self.needs_stat(holder, mapping.dev, key, mapping.path):
-                continue
             via = f"{self.paths.proc_root}/{pid}/map_files/{mapping.range_name}"
-            try:
-                st = os.stat(via)
-            except OSError as exc:
-                error = classify(pid, "map_files", exc)
-                if isinstance(error, ProcessUnreadable):
-                    self.refused(pid, "map_files", exc.strerror or str(exc))
-                if isinstance(error, ProcessUnreadable | ProcessGone):
-                    return
+            if mapping.path.startswith("/SYSV"):
+                self.note_sysv_attach(pid, holder, mapping.dev, mapping.inode)
+                held.append(_HeldFile(via, mapping.path, *key))
                 continue
-            self.classify_file(pid, holder, mapping.path, st, via)
+            if self.needs_stat(holder, mapping.dev, key, mapping.path):
+                try:
+                    st = os.stat(via)
+                except OSError as exc:
+                    error = classify(pid, "map_files", exc)
+                    if isinstance(error, ProcessUnreadable):
+                        self.refused(pid, "map_files", exc.strerror or str(exc))
+                    if isinstance(error, ProcessUnreadable | ProcessGone):
+                        break
+                    continue
+                self.classify_file(pid, holder, mapping.path, st, via)
+            if self.may_hold_shmem(mapping.dev):
+                held.append(_HeldFile(via, mapping.path, *key))
+        return held
+
+    def may_hold_shmem(self, dev: int) -> bool:
+        if dev == self.shm_dev or dev in self.superblocks:
+            return True
+        return dev not in self.all_devs and self.foreign_devs.get(dev) == TMPFS_MAGIC
 
     def note_sysv_attach(self, pid: int, holder: Holder, dev: int, shmid: int) -> None:
         ipc = self.pid_ipc_ns.get(pid)
@@ -559,25 +698,51 @@ def walk_usage(path: str, dev: int) -> int:
 
 
 def scan_node(paths: HostPaths | None = None) -> NodeScan:
-    """One full attribution pass over the host."""
-    paths = paths or HostPaths()
+    """One full attribution pass over the host: every process's fds and maps read."""
+    return _scan(paths or HostPaths(), None)[0]
+
+
+class ShmemTracker:
+    """Attribution passes for a scanner that runs every cycle (the agent).
+
+    A process whose fd count, RssShmem, VmSize, comm and parent are unchanged since
+    the last pass is not read again: what it held then is stat'ed again (bytes are
+    always fresh). What that cannot see (an fd replaced by another of the same count,
+    a same-size remap) waits for the next full pass, every `full_every` passes.
+    """
+
+    def __init__(self, paths: HostPaths | None = None, *, full_every: int = 10) -> None:
+        self.paths = paths or HostPaths()
+        self.full_every = max(1, full_every)
+        self._memo: dict[int, _ProcessMemo] | None = None
+        self._since_full = 0
+
+    def scan(self) -> NodeScan:
+        full = self._memo is None or self._since_full + 1 >= self.full_every
+        scan, self._memo = _scan(self.paths, None if full else self._memo)
+        self._since_full = 0 if full else self._since_full + 1
+        return scan
+
+
+def _scan(
+    paths: HostPaths, previous: dict[int, _ProcessMemo] | None
+) -> tuple[NodeScan, dict[int, _ProcessMemo]]:
     meminfo = read_meminfo(paths)
-    scanner = _Scanner(paths)
+    scanner = _Scanner(paths, previous)
     scanner.read_processes()
     scanner.read_mounts()
     scanner.measure_superblocks()
     for pid in list(scanner.processes):
         scanner.scan_fds(pid)
-    for pid, status in list(scanner.processes.items()):
-        # RssShmem > 0 is the cheap pre-filter for processes with shmem mappings.
-        if status.rss_shmem_bytes > 0:
-            scanner.scan_maps(pid)
+    for pid in list(scanner.processes):
+        scanner.scan_maps(pid)
     scanner.scan_sysv()
     scanner.finish_superblocks()
     scanner.pods_from_holders()
     objects = sorted(scanner.objects.values(), key=lambda obj: (-obj.bytes, obj.kind, obj.name))
     process_rss = sum(status.rss_bytes for status in scanner.processes.values())
-    return NodeScan(
+    scan = NodeScan(
+        full=previous is None,
         memory=breakdown(meminfo, process_rss),
         processes=scanner.processes,
         shmem=ShmemAttribution(
@@ -592,3 +757,4 @@ def scan_node(paths: HostPaths | None = None) -> NodeScan:
             for key, holders in scanner.open_tmpfs_files.items()
         },
     )
+    return scan, scanner.memo

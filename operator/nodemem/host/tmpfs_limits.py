@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from nodemem.host.mounts import TMPFS_MAGIC, Mount, dev_string, parse_mountinfo
 from nodemem.host.paths import HostPaths
-from nodemem.host.procfs import read_text
+from nodemem.host.procfs import read_proc_text, read_text
 from nodemem.host.remount import RemountError, reconfigure_tmpfs
 from nodemem.host.statfs import statfs
 
@@ -90,8 +90,7 @@ def find_targets(paths: HostPaths, pattern: str, namespace_pid: int | None = Non
         raise ValueError(f"not an absolute path or glob: {pattern!r}")
     pid = namespace_pid if namespace_pid is not None else _host_root_pid(paths)
     if pid is None:
-        with open(paths.proc("self", "mountinfo")) as file:
-            text = file.read()
+        text = read_proc_text(str(paths.proc("self", "mountinfo")))
     else:
         text = read_text(paths, pid, "mountinfo")
     tops = _top_mounts(parse_mountinfo(text))

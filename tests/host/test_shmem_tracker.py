@@ -1,0 +1,251 @@
+"""Repeated passes (ShmemTracker) see what a full pass sees, and every change.
+
+A pass after the first re-reads a process only when a cheap signal moved (fd count,
+RssShmem, VmSize, comm, parent); otherwise it stat's again what the process held.
+Each test makes one kind of change in a real process between two passes and checks
+that the second, non-full pass reports it exactly as a full pass does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodemem.host.shmem import NodeScan, ShmemObject, ShmemTracker, scan_node
+
+pytestmark = pytest.mark.privileged
+
+MiB = 1 << 20
+
+# Runs each line of stdin as Python and answers "ok" (or the error): the test tells
+# the process exactly what to open, map, grow or close, and when.
+SCRIPTED = """
+import ctypes, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long)
+held = {}
+for line in sys.stdin:
+    try:
+        exec(line, globals())
+        print("ok", flush=True)
+    except Exception as exc:
+        print(f"error {exc!r}", flush=True)
+"""
+
+
+class Scripted:
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", SCRIPTED],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.process.pid
+
+    def run(self, statement: str) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(statement + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        assert answer == "ok\n", f"{statement!r}: {answer!r}"
+
+    def stop(self) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Scripted]:
+    process = Scripted()
+    yield process
+    process.stop()
+
+
+FILL = "b'\\xa5' * {size}"
+
+
+def write(process: Scripted, key: str, size: int) -> None:
+    """Appends `size` bytes to the file the process holds as `held[key]`."""
+    process.run(f"os.write(held[{key!r}], {FILL.format(size=size)})")
+
+
+def open_memfd(process: Scripted, name: str, size: int) -> None:
+    process.run(f"held[{name!r}] = os.memfd_create({name!r})")
+    write(process, name, size)
+
+
+def held_by(scan: NodeScan, pid: int) -> list[ShmemObject]:
+    return [obj for obj in scan.shmem.objects if pid in obj.holders]
+
+
+def only(scan: NodeScan, pid: int, kind: str) -> ShmemObject:
+    objects = [obj for obj in held_by(scan, pid) if obj.kind == kind]
+    assert len(objects) == 1, [(o.kind, o.name, o.bytes) for o in held_by(scan, pid)]
+    return objects[0]
+
+
+def near(actual: int, expected: int) -> bool:
+    return abs(actual - expected) <= expected // 100
+
+
+def second_pass(tracker: ShmemTracker) -> NodeScan:
+    scan = tracker.scan()
+    assert not scan.full
+    return scan
+
+
+def test_a_pass_over_unchanged_processes_equals_a_full_pass(
+    scripted: Scripted, mount_tmpfs
+) -> None:
+    point = mount_tmpfs()
+    open_memfd(scripted, "kept", 8 * MiB)
+    scripted.run(f"held['file'] = os.open({str(point / 'f')!r}, os.O_RDWR | os.O_CREAT)")
+    write(scripted, "file", 4 * MiB)
+    (point / "f").unlink()
+    scripted.run(f"held['anon'] = mmap.mmap(-1, {4 * MiB})")
+    scripted.run(f"held['anon'].write({FILL.format(size=4 * MiB)})")
+    tracker = ShmemTracker()
+    assert tracker.scan().full
+
+    replayed = second_pass(tracker)
+    full = scan_node()
+
+    def view(scan: NodeScan) -> object:
+        objects = held_by(scan, scripted.pid)
+        return sorted((o.kind, o.name, o.bytes, sorted(o.holders)) for o in objects)
+
+    assert view(replayed) == view(full)
+    assert {o.kind for o in held_by(full, scripted.pid)} == {"memfd", "sharedAnon", "tmpfs"}
+    deleted = [(f.path, f.bytes) for f in full.shmem.deleted_open_files]
+    assert [(f.path, f.bytes) for f in replayed.shmem.deleted_open_files] == deleted
+    assert (str(point / "f"), 4 * MiB) in deleted
+    assert replayed.open_tmpfs_files.keys() == full.open_tmpfs_files.keys()
+    # The refusals (here: PID 1's fd, maps and namespaces) are reported in every pass.
+    alive = replayed.processes.keys() & full.processes.keys()
+    assert {(u.pid, u.what) for u in replayed.unreadable if u.pid in alive} == {
+        (u.pid, u.what) for u in full.unreadable if u.pid in alive
+    }
+
+
+def test_a_memfd_opened_since_the_last_pass_is_found(scripted: Scripted) -> None:
+    tracker = ShmemTracker()
+    assert not held_by(tracker.scan(), scripted.pid)
+    open_memfd(scripted, "new", 32 * MiB)
+    obj = only(second_pass(tracker), scripted.pid, "memfd")
+    assert obj.name == "memfd:new"
+    assert near(obj.bytes, 32 * MiB)
+
+
+def test_a_memfd_that_grew_is_measured_again(scripted: Scripted) -> None:
+    open_memfd(scripted, "growing", 8 * MiB)
+    tracker = ShmemTracker()
+    assert near(only(tracker.scan(), scripted.pid, "memfd").bytes, 8 * MiB)
+    write(scripted, "growing", 24 * MiB)  # no fd change
+    assert near(only(second_pass(tracker), scripted.pid, "memfd").bytes, 32 * MiB)
+
+
+def test_an_fd_replaced_by_another_file_is_read_again(scripted: Scripted) -> None:
+    open_memfd(scripted, "first", 8 * MiB)
+    tracker = ShmemTracker()
+    assert only(tracker.scan(), scripted.pid, "memfd").name == "memfd:first"
+    # Same fd number, same fd count: only the file behind it changed.
+    open_memfd(scripted, "second", 16 * MiB)
+    scripted.run("os.dup2(held['second'], held['first']); os.close(held.pop('second'))")
+    obj = only(second_pass(tracker), scripted.pid, "memfd")
+    assert obj.name == "memfd:second"
+    assert near(obj.bytes, 16 * MiB)
+
+
+def test_a_file_deleted_since_the_last_pass_is_listed_as_deleted(
+    scripted: Scripted, mount_tmpfs
+) -> None:
+    point = mount_tmpfs()
+    path = point / "log"
+    scripted.run(f"held['log'] = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)")
+    write(scripted, "log", 8 * MiB)
+    tracker = ShmemTracker()
+    assert not tracker.scan().shmem.deleted_open_files
+    path.unlink()
+    [deleted] = [f for f in second_pass(tracker).shmem.deleted_open_files if f.pid == scripted.pid]
+    assert deleted.path == str(path)
+    assert near(deleted.bytes, 8 * MiB)
+
+
+def test_a_mapping_made_since_the_last_pass_is_found(scripted: Scripted) -> None:
+    scripted.run(f"held['a'] = mmap.mmap(-1, {MiB}); held['a'].write({FILL.format(size=MiB)})")
+    tracker = ShmemTracker()
+    assert [o.kind for o in held_by(tracker.scan(), scripted.pid)] == ["sharedAnon"]
+    # A memfd that is only mapped (libc mmap: CPython's mmap object would keep a dup of
+    # the fd): no fd is left to find it by, and the fd count is as before.
+    scripted.run(
+        f"fd = os.memfd_create('mapped'); os.ftruncate(fd, {16 * MiB}); "
+        f"address = libc.mmap(None, {16 * MiB}, 3, mmap.MAP_SHARED, fd, 0); os.close(fd); "
+        f"ctypes.memset(address, 0xA5, {16 * MiB})"
+    )
+    obj = only(second_pass(tracker), scripted.pid, "memfd")
+    assert obj.name == "memfd:mapped"
+    assert near(obj.bytes, 16 * MiB)
+
+
+def test_every_full_every_passes_read_everything_again() -> None:
+    tracker = ShmemTracker(full_every=3)
+    assert [tracker.scan().full for _ in range(7)] == [True, False, False, True, False, False, True]
+
+
+def test_a_process_gone_between_passes_holds_nothing(scripted: Scripted) -> None:
+    open_memfd(scripted, "gone", 8 * MiB)
+    tracker = ShmemTracker()
+    assert held_by(tracker.scan(), scripted.pid)
+    scripted.stop()
+    assert not held_by(second_pass(tracker), scripted.pid)
+
+
+def test_a_new_process_is_read_in_full(scripted: Scripted) -> None:
+    tracker = ShmemTracker()
+    tracker.scan()
+    other = Scripted()
+    try:
+        open_memfd(other, "newcomer", 8 * MiB)
+        obj = only(second_pass(tracker), other.pid, "memfd")
+        assert obj.name == "memfd:newcomer"
+    finally:
+        other.stop()
+
+
+def test_a_pid_that_named_another_process_last_pass_is_read_in_full(
+    scripted: Scripted,
+) -> None:
+    other = Scripted()
+    try:
+        open_memfd(scripted, "this", 8 * MiB)
+        open_memfd(other, "that", 8 * MiB)
+        tracker = ShmemTracker()
+        tracker.scan()
+        # As if the pid had been reused: last pass, `other` was the process at this pid.
+        # Same comm, parent and fd count; only the /proc inode tells them apart.
+        memo = tracker._memo
+        assert memo is not None
+        memo[scripted.pid] = memo[other.pid]
+        obj = only(second_pass(tracker), scripted.pid, "memfd")
+        assert obj.name == "memfd:this"
+    finally:
+        other.stop()
+
+
+def test_scan_node_is_always_a_full_pass() -> None:
+    assert scan_node().full
+    assert os.getpid() in scan_node().processes
+    assert Path(f"/proc/{os.getpid()}/fd").stat().st_size > 0, "kernel before 6.2: no fd count"
