@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from nodemem.host.paths import HostPaths
-from nodemem.host.procfs import ProcessGone, classify, parse_status, printable
+from nodemem.host.procfs import ProcessGone, parse_status, printable, read_text
 
 QosClass = Literal["Guaranteed", "Burstable", "BestEffort"]
 
@@ -178,21 +178,13 @@ def _pod_from_lines(chosen: str, lines: tuple[CgroupLine, ...]) -> PodCgroup:
 
 def read_pod_cgroup(paths: HostPaths, pid: int) -> PodCgroup:
     """The pod and container a process runs in, from its cgroup alone (cheap: one read)."""
-    lines = parse_cgroup_file(_read_bytes(paths, pid, "cgroup").decode(errors="replace"))
+    lines = parse_cgroup_file(read_text(paths, pid, "cgroup"))
     return _pod_from_lines(matching_cgroup(lines), lines)
-
-
-def _read_bytes(paths: HostPaths, pid: int, name: str) -> bytes:
-    try:
-        with open(paths.proc(pid, name), "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise classify(pid, name, exc) from exc
 
 
 def is_kernel_thread(paths: HostPaths, pid: int) -> bool:
     """PF_KTHREAD from /proc/PID/stat (every kernel; zombies are not kernel threads)."""
-    stat = _read_bytes(paths, pid, "stat").decode(errors="replace")
+    stat = read_text(paths, pid, "stat")
     # comm (field 2) may contain spaces and parentheses: fields restart after the last ")".
     after_comm = stat[stat.rindex(")") + 2 :].split()
     flags = int(after_comm[6])  # field 9 of stat
@@ -212,10 +204,10 @@ def read_identity(paths: HostPaths, pid: int) -> ProcessIdentity:
     The files are read one after another; a process that exits half-way raises
     ProcessGone rather than yielding a half-filled identity.
     """
-    status_text = _read_bytes(paths, pid, "status").decode(errors="replace")
+    status_text = read_text(paths, pid, "status")
     status = parse_status(pid, status_text)
-    cmdline = _read_bytes(paths, pid, "cmdline").decode(errors="replace")
-    cgroup_text = _read_bytes(paths, pid, "cgroup").decode(errors="replace")
+    cmdline = read_text(paths, pid, "cmdline")
+    cgroup_text = read_text(paths, pid, "cgroup")
     try:
         exe: str | None = printable(os.readlink(paths.proc(pid, "exe")))
     except OSError as exc:
