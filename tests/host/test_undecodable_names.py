@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,6 +23,7 @@ from nodemem.host.identity import read_identity
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import read_status, start_time
 from nodemem.host.shmem import ShmemTracker, scan_node
+from nodemem.policy.report import host_report
 
 pytestmark = pytest.mark.privileged
 
@@ -86,6 +88,13 @@ def nodemem(*args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
+def nodemem_json(*args: str) -> dict[str, Any]:
+    result = nodemem(*args, "--json")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    document: dict[str, Any] = json.loads(result.stdout.decode("utf-8"))
+    return document
+
+
 def test_the_host_readers_replace_what_they_cannot_decode(renamed: tuple[int, Path]) -> None:
     pid, _point = renamed
     paths = HostPaths()
@@ -94,14 +103,49 @@ def test_the_host_readers_replace_what_they_cannot_decode(renamed: tuple[int, Pa
     assert read_identity(paths, pid).comm == "nm-\ufffd\ufffd"
 
 
-def test_scans_name_the_files_with_replacement_characters(renamed: tuple[int, Path]) -> None:
+def test_scans_keep_the_real_names_and_reports_make_them_text(
+    renamed: tuple[int, Path],
+) -> None:
     pid, point = renamed
     tracker = ShmemTracker()
     for scan in (scan_node(), tracker.scan(), tracker.scan()):
         [deleted] = [f for f in scan.shmem.deleted_open_files if f.pid == pid]
-        assert deleted.path == f"{point}/deleted-\ufffd.log"
+        # The host side keeps the bytes (a path that still works in system calls) ...
+        assert os.fsencode(deleted.path) == os.fsencode(point) + b"/" + DELETED
         assert deleted.comm == "nm-\ufffd\ufffd"
-        json.dumps(deleted.path, ensure_ascii=False).encode()  # valid UTF-8 text
+        # ... the report, which is JSON and API text, has U+FFFD for them.
+        [reported] = [f for f in host_report(scan).shmem.deleted_open_files if f.pid == pid]
+        assert reported.path == f"{point}/deleted-\ufffd.log"
+        reported.model_dump_json()
+
+
+def test_a_tmpfs_mounted_at_such_a_path_is_measured_and_limited(
+    mount_tmpfs, tmp_path: Path
+) -> None:
+    point = mount_tmpfs(at=Path(os.fsdecode(os.fsencode(tmp_path) + b"/mnt-\xff")))
+    with open(point / "data", "wb") as file:
+        file.write(b"z" * (2 * MiB))
+    [item] = [
+        o for o in nodemem_json("report", "--top", "100")["shmem"]["top"] if "mnt-" in o["name"]
+    ]
+    assert item["name"] == f"{tmp_path}/mnt-\ufffd"
+    assert item["bytes"] == 2 * MiB
+    assert item["note"] == ""
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "nodemem.dev/v1alpha1",
+                "kind": "NodeMemoryPolicy",
+                "metadata": {"name": "undecodable-mount"},
+                "spec": {"tmpfs": [{"path": f"{tmp_path}/mnt-*", "size": "8Mi"}]},
+            }
+        )
+    )
+    [limit] = nodemem_json("apply", "-f", str(policy))["tmpfs"]
+    assert (limit["path"], limit["state"]) == (f"{tmp_path}/mnt-\ufffd", "Applied")
+    assert os.statvfs(point).f_blocks * os.statvfs(point).f_frsize == 8 * MiB
 
 
 def test_report_prints_valid_text(renamed: tuple[int, Path]) -> None:

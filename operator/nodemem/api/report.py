@@ -5,14 +5,40 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 ShmemKind = Literal["tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"]
 
 
+def printable(value: object) -> object:
+    """Strings (also inside lists and dicts) as valid UTF-8 text.
+
+    Names come from the host as the OS gives them: a file, mount or process may be
+    named with bytes that are not UTF-8, which Python keeps as surrogates (so the
+    path still works in system calls). JSON, the API server and terminals need text:
+    those bytes become U+FFFD here, at the one place every report passes.
+    """
+    if isinstance(value, str):
+        try:
+            raw = value.encode(errors="surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no OS name makes (e.g. JSON "\ud800")
+            raw = value.encode(errors="replace")
+        return raw.decode(errors="replace")
+    if isinstance(value, list | tuple):
+        return [printable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: printable(item) for key, item in value.items()}
+    return value
+
+
 class ReportModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _printable(cls, value: object) -> object:
+        return printable(value)
 
 
 class MemorySummary(ReportModel):

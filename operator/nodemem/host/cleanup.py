@@ -52,7 +52,7 @@ from operator import attrgetter
 
 from nodemem.host.mounts import TMPFS_MAGIC, devtmpfs_devs
 from nodemem.host.paths import HostPaths
-from nodemem.host.procfs import Holder, printable
+from nodemem.host.procfs import Holder
 from nodemem.host.statfs import statfs
 
 AGE_FIELDS = ("atime", "mtime", "ctime")
@@ -392,12 +392,11 @@ class _Run:
             files_removed=self.files_removed,
             bytes_removed=self.bytes_removed,
             dirs_removed=self.dirs_removed,
-            # Paths are for reports: names that are not UTF-8 get U+FFFD there.
-            removed=[RemovedFile(printable(f.path), f.bytes) for f in self.removed],
-            would_remove=[RemovedFile(printable(f.path), f.bytes) for f in self.would_remove],
-            held_open=[HeldOpenFile(printable(f.path), f.bytes, f.holders) for f in self.held],
-            errors=[printable(error) for error in self.errors],
-            skipped_not_tmpfs=[printable(path) for path in self.skipped],
+            removed=self.removed,
+            would_remove=self.would_remove,
+            held_open=self.held,
+            errors=self.errors,
+            skipped_not_tmpfs=self.skipped,
         )
 
     def _error(self, path: str, exc: BaseException) -> None:

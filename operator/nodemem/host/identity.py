@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from nodemem.host.paths import HostPaths
-from nodemem.host.procfs import ProcessGone, parse_status, printable, read_text
+from nodemem.host.procfs import ProcessGone, parse_status, read_text
 
 QosClass = Literal["Guaranteed", "Burstable", "BestEffort"]
 
@@ -209,7 +209,7 @@ def read_identity(paths: HostPaths, pid: int) -> ProcessIdentity:
     cmdline = read_text(paths, pid, "cmdline")
     cgroup_text = read_text(paths, pid, "cgroup")
     try:
-        exe: str | None = printable(os.readlink(paths.proc(pid, "exe")))
+        exe: str | None = os.readlink(paths.proc(pid, "exe"))
     except OSError as exc:
         if not paths.proc(pid).exists():
             raise ProcessGone(pid) from exc

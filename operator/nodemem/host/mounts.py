@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 from nodemem.host.procfs import read_proc_text
 
+# Mount points are decoded with surrogate escapes: a path that is not UTF-8 still
+# works in statfs, open and remount (reports make it printable).
+PATH_ERRORS = "surrogateescape"
+
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
 SHMEM_FSTYPES = frozenset({"tmpfs", "devtmpfs"})
@@ -95,7 +99,8 @@ def devtmpfs_devs(proc_root: str) -> set[int]:
     devs: set[int] = set()
     for reader in ("self", "1"):
         try:
-            mounts = parse_mountinfo(read_proc_text(f"{proc_root}/{reader}/mountinfo"))
+            text = read_proc_text(f"{proc_root}/{reader}/mountinfo", PATH_ERRORS)
+            mounts = parse_mountinfo(text)
         except (OSError, MountinfoError):
             continue
         devs.update(mount.dev for mount in mounts if mount.fstype == "devtmpfs")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodemem.host.meminfo import read_meminfo
-from nodemem.host.mounts import Mount, parse_mountinfo
+from nodemem.host.mounts import PATH_ERRORS, Mount, parse_mountinfo
 from nodemem.host.oom_adj import OOM_SCORE_ADJ_MIN, read_oom_score_adj
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import (
@@ -222,7 +222,7 @@ def _memory_hierarchy(paths: HostPaths) -> Mount:
         if paths.host_root == Path("/")
         else paths.proc(1, "mountinfo")
     )
-    mounts = parse_mountinfo(read_proc_text(str(source)))
+    mounts = parse_mountinfo(read_proc_text(str(source), PATH_ERRORS))
     v1 = [m for m in mounts if m.fstype == "cgroup" and "memory" in m.super_options.split(",")]
     if v1:
         return min(v1, key=lambda m: len(m.root))  # prefer the whole hierarchy over binds

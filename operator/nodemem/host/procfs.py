@@ -3,9 +3,10 @@
 Processes come and go during a scan and some refuse to be read (EACCES on PID 1
 here). Readers raise `ProcessGone` or `ProcessUnreadable`; callers count them.
 
-Any process may name itself, its files and its mounts with bytes that are not UTF-8:
-/proc text is decoded with U+FFFD for those (`read_proc_text`), and names that come
-from the OS as str (readlink, listdir) go through `printable` before a report.
+Any process may name itself, its files and its mounts with bytes that are not UTF-8.
+/proc text is decoded with U+FFFD for those, except where a path must still work in
+system calls (mountinfo: surrogate escapes, as os.readlink and os.listdir give).
+Reports make every name valid text (api.report.printable).
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def parse_status(pid: int, text: str) -> ProcStatus:
     )
 
 
-def read_proc_text(path: str) -> str:
-    """A /proc (or /sys) file's text; bytes that are not UTF-8 become U+FFFD.
+def read_proc_text(path: str, errors: str = "replace") -> str:
+    """A /proc (or /sys) file's text; bytes that are not UTF-8 become U+FFFD, or with
+    errors="surrogateescape" stay usable in paths.
 
     os.read rather than open(): half the cost of a text-mode file object per read.
     """
@@ -133,12 +135,7 @@ def read_proc_text(path: str) -> str:
             chunks.append(chunk)
     finally:
         os.close(fd)
-    return b"".join(chunks).decode(errors="replace")
-
-
-def printable(name: str) -> str:
-    """A name from the OS (undecodable bytes kept as surrogates) as valid text."""
-    return name.encode(errors="surrogateescape").decode(errors="replace")
+    return b"".join(chunks).decode(errors=errors)
 
 
 def read_status(paths: HostPaths, pid: int) -> ProcStatus:
@@ -159,9 +156,9 @@ def namespace_id(paths: HostPaths, pid: int | str, kind: str) -> int:
     return int(link[link.index("[") + 1 : -1])
 
 
-def read_text(paths: HostPaths, pid: int, name: str) -> str:
+def read_text(paths: HostPaths, pid: int, name: str, errors: str = "replace") -> str:
     try:
-        return read_proc_text(f"{paths.proc_root}/{pid}/{name}")
+        return read_proc_text(f"{paths.proc_root}/{pid}/{name}", errors)
     except OSError as exc:
         raise classify(pid, name, exc) from exc
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from nodemem.host.identity import read_pod_cgroup
 from nodemem.host.meminfo import MemoryBreakdown, breakdown, read_meminfo
-from nodemem.host.mounts import TMPFS_MAGIC, Mount, parse_mountinfo
+from nodemem.host.mounts import PATH_ERRORS, TMPFS_MAGIC, Mount, parse_mountinfo
 from nodemem.host.paths import HostPaths
 from nodemem.host.pods import pod_volume_from_path
 from nodemem.host.procfs import (
@@ -39,7 +39,6 @@ from nodemem.host.procfs import (
     ProcStatus,
     classify,
     namespace_id,
-    printable,
     read_status,
     read_text,
 )
@@ -291,7 +290,8 @@ class _Scanner:
         for pids in self.mnt_ns.values():
             for pid in pids:  # one readable process per namespace is enough
                 try:
-                    mounts = parse_mountinfo(read_text(self.paths, pid, "mountinfo"))
+                    text = read_text(self.paths, pid, "mountinfo", errors=PATH_ERRORS)
+                    mounts = parse_mountinfo(text)
                 except ProcessGone:
                     continue
                 except ProcessUnreadable as exc:
@@ -352,7 +352,7 @@ class _Scanner:
         for fd in fds:
             fd_path = f"{fd_dir}/{fd}"
             try:
-                link = printable(os.readlink(fd_path))
+                link = os.readlink(fd_path)
                 if not link.startswith("/"):
                     continue  # socket:, pipe:, anon_inode:
                 st = os.stat(fd_path)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from nodemem.host.mounts import TMPFS_MAGIC, Mount, dev_string, parse_mountinfo
+from nodemem.host.mounts import PATH_ERRORS, TMPFS_MAGIC, Mount, dev_string, parse_mountinfo
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import read_proc_text, read_text
 from nodemem.host.remount import RemountError, reconfigure_tmpfs
@@ -90,9 +90,9 @@ def find_targets(paths: HostPaths, pattern: str, namespace_pid: int | None = Non
         raise ValueError(f"not an absolute path or glob: {pattern!r}")
     pid = namespace_pid if namespace_pid is not None else _host_root_pid(paths)
     if pid is None:
-        text = read_proc_text(str(paths.proc("self", "mountinfo")))
+        text = read_proc_text(str(paths.proc("self", "mountinfo")), PATH_ERRORS)
     else:
-        text = read_text(paths, pid, "mountinfo")
+        text = read_text(paths, pid, "mountinfo", PATH_ERRORS)
     tops = _top_mounts(parse_mountinfo(text))
 
     def target(mount_point: str, mount: Mount | None) -> Target:
