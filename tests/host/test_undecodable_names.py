@@ -95,6 +95,18 @@ def nodemem_json(*args: str) -> dict[str, Any]:
     return document
 
 
+def write_policy(directory: Path, spec: dict[str, Any]) -> Path:
+    policy = directory / "policy.yaml"
+    document = {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryPolicy",
+        "metadata": {"name": "undecodable"},
+        "spec": spec,
+    }
+    policy.write_text(yaml.safe_dump(document))
+    return policy
+
+
 def test_the_host_readers_replace_what_they_cannot_decode(renamed: tuple[int, Path]) -> None:
     pid, _point = renamed
     paths = HostPaths()
@@ -132,17 +144,7 @@ def test_a_tmpfs_mounted_at_such_a_path_is_measured_and_limited(
     assert item["bytes"] == 2 * MiB
     assert item["note"] == ""
 
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "nodemem.dev/v1alpha1",
-                "kind": "NodeMemoryPolicy",
-                "metadata": {"name": "undecodable-mount"},
-                "spec": {"tmpfs": [{"path": f"{tmp_path}/mnt-*", "size": "8Mi"}]},
-            }
-        )
-    )
+    policy = write_policy(tmp_path, {"tmpfs": [{"path": f"{tmp_path}/mnt-*", "size": "8Mi"}]})
     [limit] = nodemem_json("apply", "-f", str(policy))["tmpfs"]
     assert (limit["path"], limit["state"]) == (f"{tmp_path}/mnt-\ufffd", "Applied")
     assert os.statvfs(point).f_blocks * os.statvfs(point).f_frsize == 8 * MiB
@@ -150,9 +152,7 @@ def test_a_tmpfs_mounted_at_such_a_path_is_measured_and_limited(
 
 def test_report_prints_valid_text(renamed: tuple[int, Path]) -> None:
     pid, _point = renamed
-    result = nodemem("report", "--json")
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    report = json.loads(result.stdout.decode("utf-8"))
+    report = nodemem_json("report")
     [victim] = [v for v in report["oom"]["predictedVictims"] if v["pid"] == pid]
     assert victim["comm"] == "nm-\ufffd\ufffd"
 
@@ -163,31 +163,10 @@ def test_report_prints_valid_text(renamed: tuple[int, Path]) -> None:
 
 def test_apply_cleans_up_and_reports_such_files(renamed: tuple[int, Path], tmp_path: Path) -> None:
     _pid, point = renamed
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "nodemem.dev/v1alpha1",
-                "kind": "NodeMemoryPolicy",
-                "metadata": {"name": "undecodable"},
-                "spec": {
-                    "cleanup": [
-                        {
-                            "name": "logs",
-                            "paths": [f"{point}/*.log"],
-                            "schedule": "0 * * * *",
-                            "olderThan": "1s",
-                        }
-                    ]
-                },
-            }
-        )
-    )
+    rule = {"name": "logs", "paths": [f"{point}/*.log"], "schedule": "0 * * * *", "olderThan": "1s"}
+    policy = write_policy(tmp_path, {"cleanup": [rule]})
     os.utime(os.fsencode(point) + b"/" + HELD, (1, 1))
-    result = nodemem("apply", "-f", str(policy), "--run-cleanup", "--json")
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    report = json.loads(result.stdout.decode("utf-8"))
-    [cleanup] = report["cleanup"]
+    [cleanup] = nodemem_json("apply", "-f", str(policy), "--run-cleanup")["cleanup"]
     assert cleanup["filesRemoved"] == 1
     assert sorted(os.listdir(os.fsencode(point))) == [HELD]  # held open: kept
     assert [held["path"] for held in cleanup["heldOpen"]] == [f"{point}/held-\ufffd.log"]
