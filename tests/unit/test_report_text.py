@@ -8,7 +8,7 @@ import os
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodemem.api.report import HeldOpenFile, ProcessRef, TmpfsStatus, printable
+from nodemem.api.report import CleanupStatus, HeldOpenFile, ProcessRef, TmpfsStatus
 
 
 @given(st.binary(max_size=64))
@@ -29,5 +29,13 @@ def test_valid_text_is_unchanged_and_any_str_serializes(text: str) -> None:
         assert held.pids[0].comm == text
 
 
-def test_names_inside_lists_and_dicts_are_made_printable_too() -> None:
-    assert printable(["a\udcff", {"k": ("b\udcfe",)}]) == ["a\ufffd", {"k": ["b\ufffd"]}]
+def test_lists_of_names_and_nested_reports_are_made_printable_too() -> None:
+    status = CleanupStatus(
+        name="logs",
+        policy="p",
+        would_remove=["/x/a\udcff"],
+        held_open=[{"path": "/x/b\udcfe", "bytes": 1, "pids": [{"pid": 2, "comm": "c\udcfd"}]}],
+    )
+    assert status.would_remove == ["/x/a\ufffd"]
+    assert status.held_open[0].path == "/x/b\ufffd"
+    assert status.held_open[0].pids[0].comm == "c\ufffd"

@@ -11,25 +11,19 @@ from pydantic.alias_generators import to_camel
 ShmemKind = Literal["tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"]
 
 
-def printable(value: object) -> object:
-    """Strings (also inside lists and dicts) as valid UTF-8 text.
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 text.
 
     Names come from the host as the OS gives them: a file, mount or process may be
     named with bytes that are not UTF-8, which Python keeps as surrogates (so the
     path still works in system calls). JSON, the API server and terminals need text:
-    those bytes become U+FFFD here, at the one place every report passes.
+    those bytes become U+FFFD, in ReportModel, the one place every report passes.
     """
-    if isinstance(value, str):
-        try:
-            raw = value.encode(errors="surrogateescape")
-        except UnicodeEncodeError:  # a surrogate no OS name makes (e.g. JSON "\ud800")
-            raw = value.encode(errors="replace")
-        return raw.decode(errors="replace")
-    if isinstance(value, list | tuple):
-        return [printable(item) for item in value]
-    if isinstance(value, dict):
-        return {key: printable(item) for key, item in value.items()}
-    return value
+    try:
+        raw = text.encode(errors="surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no OS name makes (e.g. JSON "\ud800")
+        raw = text.encode(errors="replace")
+    return raw.decode(errors="replace")
 
 
 class ReportModel(BaseModel):
@@ -38,7 +32,12 @@ class ReportModel(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _printable(cls, value: object) -> object:
-        return printable(value)
+        # str and list[str] fields; nested models make their own fields printable.
+        if isinstance(value, str):
+            return printable(value)
+        if isinstance(value, list) and any(isinstance(item, str) for item in value):
+            return [printable(item) if isinstance(item, str) else item for item in value]
+        return value
 
 
 class MemorySummary(ReportModel):
