@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,13 @@ def names(root: Path) -> set[str]:
         for path in root.rglob("*")
         if path.is_symlink() or not path.is_dir()
     }
+
+
+def exec_done(pid: int, argv: Sequence[str], timeout: float = 5.0) -> None:
+    """Waits until a child's exec has finished. subprocess.Popen returns a moment before
+    the kernel sets the new comm and then the cmdline: the cmdline is the last."""
+    expected = ("\0".join(argv) + "\0").encode()
+    deadline = time.monotonic() + timeout
+    while (cmdline := Path(f"/proc/{pid}/cmdline").read_bytes()) != expected:
+        assert time.monotonic() < deadline, f"pid {pid} is still {cmdline!r}, not {expected!r}"
+        time.sleep(0.001)  # poll: exec completion has no event a parent can wait on

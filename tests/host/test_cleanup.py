@@ -20,7 +20,7 @@ import pytest
 from nodemem.host.cleanup import CleanupResult, CleanupSpec, HeldOpenFile, run_cleanup
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
-from samples import names, write
+from samples import exec_done, names, write
 
 pytestmark = pytest.mark.privileged
 
@@ -81,15 +81,6 @@ def clean(host: HostPaths, *paths: str, dry_run: bool = False, **options: Any) -
 def usage(path: Path) -> float:
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) / st.f_blocks
-
-
-def comm_once_exec_done(pid: int, expected: str) -> str:
-    """The child's comm; exec sets it just after Popen may return, so poll with a deadline."""
-    deadline = time.monotonic() + 5
-    while (comm := Path(f"/proc/{pid}/comm").read_text().strip()) != expected:
-        assert time.monotonic() < deadline, f"pid {pid} is still {comm!r}, not {expected!r}"
-        time.sleep(0.001)
-    return comm
 
 
 def held_by(pid: int, comm: str) -> dict[tuple[int, int], Sequence[Holder]]:
@@ -308,7 +299,8 @@ def test_file_held_open_by_a_process_is_kept_and_reported(
         child = spawn(["sleep", "60"], stdout=log)
     os.utime(held, (time.time() - 2 * HOUR,) * 2)
     write(host.host("/mnt/rotated.log"), age=2 * HOUR)
-    holders = held_by(child.pid, comm_once_exec_done(child.pid, "sleep"))
+    exec_done(child.pid, ["sleep", "60"])
+    holders = held_by(child.pid, "sleep")
     spec = CleanupSpec(name="rule", paths=("/mnt/*.log",), older_than=timedelta(hours=1))
 
     result = run_cleanup(host, spec, holders, dry_run=False)

@@ -16,6 +16,7 @@ from memcg_helpers import joining
 
 from nodemem.host.identity import read_identity
 from nodemem.host.paths import HostPaths
+from samples import exec_done
 
 pytestmark = pytest.mark.privileged
 
@@ -34,6 +35,7 @@ def _sleep_in(cgroup: Path, processes: list[subprocess.Popen[bytes]]) -> int:
     # preexec_fn is unsafe with threads; this test process starts none.
     process = subprocess.Popen(["sleep", "60"], preexec_fn=joining(cgroup))  # noqa: PLW1509
     processes.append(process)
+    exec_done(process.pid, ["sleep", "60"])  # identity is read right after
     return process.pid
 
 

@@ -23,6 +23,7 @@ from nodemem.host.paths import HostPaths
 from nodemem.policy.effective import effective_policy
 from nodemem.policy.oom import apply_to_process
 from nodemem.policy.pods import PodDirectory
+from samples import exec_done
 
 pytestmark = pytest.mark.privileged
 
@@ -37,6 +38,7 @@ def sleeper() -> Iterator[Callable[..., int]]:
         join = joining(cgroup) if cgroup else None
         process = subprocess.Popen(["sleep", token], preexec_fn=join)  # noqa: PLW1509 - no threads
         started.append(process)
+        exec_done(process.pid, ["sleep", token])  # rules match on the new cmdline
         return process.pid, token
 
     yield start  # type: ignore[misc]

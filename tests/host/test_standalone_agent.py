@@ -115,7 +115,7 @@ def test_agent_enforces_then_follows_exec_events_cron_and_file_edits(
     pid = processes[-1].pid
     wait_for(lambda: adj(pid) == 700)
     assert agent.state.resyncs == 1
-    assert agent.state.exec_oom.matched >= 1
+    wait_for(lambda: agent.state.exec_oom.matched >= 1)  # counted just after the write
 
     # The cleanup runs when its cron time comes (the wall clock moves to 01:00).
     old = point / "old.log"
@@ -126,8 +126,10 @@ def test_agent_enforces_then_follows_exec_events_cron_and_file_edits(
     wait_for(lambda: not old.exists())
 
     # An edit of the file is applied to running processes at once.
+    resyncs = agent.state.resyncs
     policy.write_text(yaml.safe_dump(manifest(point, token, oom_adj=800)))
-    wait_for(lambda: adj(pid) == 800)
+    # The resync that writes the new adj is counted when it ends: wait for both.
+    wait_for(lambda: adj(pid) == 800 and agent.state.resyncs > resyncs)
 
     # An invalid edit keeps the policy in force.
     resyncs = agent.state.resyncs

@@ -175,7 +175,10 @@ def test_policy_enforced_reported_updated_and_never_written(
     node_uid = kube.get_object(NODES, "node-a")["metadata"]["uid"]  # type: ignore[index]
     assert obj["metadata"]["ownerReferences"][0]["uid"] == node_uid
     status = report(kube)
-    assert [(t["path"], t["state"]) for t in status["tmpfs"]] == [(str(point), "Applied")]
+    # Applied by the first resync, Unchanged from the next one on (a rewrite ~0.3 s later).
+    [(path, state)] = [(t["path"], t["state"]) for t in status["tmpfs"]]
+    assert (path, state) in {(str(point), "Applied"), (str(point), "Unchanged")}
+    assert size_of(point) == 16 * MiB
     assert status["oom"]["rules"][0]["name"] == "batch"
     assert {c["type"]: c["status"] for c in status["conditions"]}["Applied"] == "True"
 
@@ -206,7 +209,7 @@ def test_policy_enforced_reported_updated_and_never_written(
         "agent-test",
         {"spec": {"oom": [{"name": "batch", "match": {"cmdline": token}, "oomScoreAdj": 700}]}},
     )
-    wait_until(lambda: adj(pid) == 700, message="update applied", timeout=5)
+    wait_until(lambda: adj(pid) == 700, message="update applied")
     wait_until(
         lambda: report(kube).get("policies") == [{"name": "agent-test", "generation": 2}],
         message="report at generation 2",
@@ -265,9 +268,10 @@ def test_enforcement_continues_while_the_api_is_away_and_the_report_catches_up(
     kube.create_object(POLICIES, policy(point, token))
     start_agent()
     wait_until(
-        lambda: [t["state"] for t in report(kube).get("tmpfs", [])] == ["Applied"],
+        lambda: [t["state"] for t in report(kube).get("tmpfs", [])] in (["Applied"], ["Unchanged"]),
         message="first report",
     )
+    assert size_of(point) == 16 * MiB
     port = int(kube_server.url.rsplit(":", 1)[1])
     kube_server.stop()
     try:
@@ -335,11 +339,16 @@ def test_metrics_and_health_endpoints(kube, mount_tmpfs, start_agent, processes)
     wait_until(lambda: get("/readyz")[0] == 200, message="ready")
     assert get("/healthz")[0] == 200
     wait_until(lambda: "nodemem_tmpfs_size_bytes{" in get("/metrics")[1], message="series")
+    # The metrics are set just before the report is written: wait for both.
+    wait_until(lambda: "shmem" in report(kube), message="the first report")
     text = get("/metrics")[1]
     assert metric(text, "nodemem_tmpfs_size_bytes", path=str(point)) == 16 * MiB
     assert metric(text, "nodemem_oom_adjustments_total", rule="batch") >= 1
+    # The metric follows every pass; the report is rewritten only when a figure moves by
+    # more than 1 % and 1 MiB: they agree within that (and what moved in between).
+    written = report(kube)["shmem"]["unaccountedBytes"]
     assert metric(text, "nodemem_shmem_unaccounted_bytes") == pytest.approx(
-        report(kube)["shmem"]["unaccountedBytes"], abs=4 * MiB
+        written, abs=max(4 * MiB, 0.02 * abs(written))
     )
     assert metric(text, "nodemem_scan_duration_seconds") > 0
     for kind in ("tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"):

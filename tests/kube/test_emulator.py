@@ -903,10 +903,16 @@ def test_kopf_handlers_run_and_their_patches_succeed(
     ]
     widgets.delete("w1")
     wait_until(lambda: kube.get_object(WIDGETS, "w1") is None, message="the finalizer released")
+    # kopf sees the DELETED event, and the emulator records each response's status,
+    # a moment after the object is gone from the store.
+    wait_until(lambda: events[-1] == ("DELETED", "w1"), message="the DELETED event")
 
     assert deleted == ["w1"]
-    assert events[0] == ("ADDED", "w1") and events[-1] == ("DELETED", "w1")
+    assert events[0] == ("ADDED", "w1")
     kopf_patches = kube.requests(since=mark, verb="patch")
+    wait_until(
+        lambda: all(r.status is not None for r in kopf_patches), message="the patches' answers"
+    )
     assert kopf_patches and all(r.status == 200 for r in kopf_patches)
     assert {r.content_type for r in kopf_patches} >= {"application/json-patch+json"}
 
