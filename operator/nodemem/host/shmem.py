@@ -160,11 +160,18 @@ class _Part:
     refusals: list[UnreadableProcess]
 
 
+# A process is read in full in the first passes that see it: starting up, it opens
+# and closes files (and joins namespaces), so one read may show a passing moment whose
+# fd count it later has again with other files (seen in CI).
+_UNSETTLED_PASSES = 2
+
+
 @dataclass
 class _ProcessMemo:
     """What one process held at the last read; reused while its cheap signals hold."""
 
     token: tuple[int, str, int]  # /proc/PID inode, comm, ppid: new process, exec, reparent
+    passes: int = 1  # consecutive passes that saw this process (same token)
     namespaces: dict[str, int] = field(default_factory=dict)
     namespace_refusals: list[UnreadableProcess] = field(default_factory=list)
     parts: dict[str, _Part] = field(default_factory=dict)  # "fd", "maps"
@@ -240,6 +247,8 @@ class _Scanner:
             memo = self.memo[pid] = _ProcessMemo(token)
             previous = self.previous.get(pid)
             if previous is not None and previous.token == token:
+                memo.passes = previous.passes + 1
+            if previous is not None and memo.passes > _UNSETTLED_PASSES:
                 self.reused[pid] = previous
                 memo.namespaces = previous.namespaces
                 memo.namespace_refusals = previous.namespace_refusals
@@ -705,10 +714,10 @@ def scan_node(paths: HostPaths | None = None) -> NodeScan:
 class ShmemTracker:
     """Attribution passes for a scanner that runs every cycle (the agent).
 
-    A process whose fd count, RssShmem, VmSize, comm and parent are unchanged since
-    the last pass is not read again: what it held then is stat'ed again (bytes are
-    always fresh). What that cannot see (an fd replaced by another of the same count,
-    a same-size remap) waits for the next full pass, every `full_every` passes.
+    A process seen in the last two passes whose fd count, RssShmem, VmSize, comm and
+    parent are unchanged is not read again: what it held is stat'ed again (bytes are
+    always fresh). What that cannot see (files closed and others opened at the same
+    count, a same-size remap) waits for the next full pass, every `full_every` passes.
     """
 
     def __init__(self, paths: HostPaths | None = None, *, full_every: int = 10) -> None:
