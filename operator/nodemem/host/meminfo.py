@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nodemem.host.paths import HostPaths
+from nodemem.host.procfs import read_proc_text
 
 
 class MeminfoError(ValueError):
@@ -84,5 +85,4 @@ def breakdown(meminfo: dict[str, int], process_rss: int) -> MemoryBreakdown:
 
 
 def read_meminfo(paths: HostPaths) -> dict[str, int]:
-    with open(paths.proc("meminfo")) as file:
-        return parse_meminfo(file.read())
+    return parse_meminfo(read_proc_text(str(paths.proc("meminfo"))))

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from nodemem.host.paths import HostPaths
+from nodemem.host.procfs import read_proc_text
 
 CLONE_NEWIPC = 0x08000000
 _COLUMNS = [
@@ -90,8 +91,7 @@ def parse_sysvipc_shm(text: str) -> list[SysvSegment]:
 
 def read_segments(paths: HostPaths) -> list[SysvSegment]:
     """Segments of this thread's IPC namespace."""
-    with open(paths.proc("sysvipc", "shm")) as file:
-        return parse_sysvipc_shm(file.read())
+    return parse_sysvipc_shm(read_proc_text(str(paths.proc("sysvipc", "shm"))))
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
