@@ -16,9 +16,9 @@ from kubernetes import client as k8s
 
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.main import ClusterAgentOptions, run_cluster_agent
-from nodemem.agent.policy_file import PolicyFile
+from nodemem.agent.policy_file import PolicyFile, read_policy_file
 from nodemem.api.crd import render_crds
-from nodemem.api.manifest import PolicyError, load_policies
+from nodemem.api.manifest import MAX_MANIFEST_BYTES, PolicyError, load_policy_bytes
 from nodemem.controller.operator import Controller, ControllerSettings
 from nodemem.host.meminfo import read_meminfo
 from nodemem.host.oom_predict import predict_victims
@@ -55,9 +55,14 @@ def _pods(args: argparse.Namespace) -> PodDirectory:
     if not args.pods_file:
         return PodDirectory()
     try:
-        return load_pods_file(Path(args.pods_file).read_text())
+        # Not capped like a policy: `kubectl get pods -o json` of a full node is megabytes.
+        return load_pods_file(Path(args.pods_file).read_bytes().decode("utf-8"))
     except OSError as exc:
         raise SystemExit(f"nodemem: cannot read {args.pods_file}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SystemExit(
+            f"nodemem: {args.pods_file}: not valid UTF-8 at byte {exc.start}"
+        ) from None
     except PodsFileError as exc:
         raise SystemExit(f"nodemem: {args.pods_file}: {exc}") from None
 
@@ -91,8 +96,10 @@ def _node_labels(text: str) -> dict[str, str]:
 def cmd_apply(args: argparse.Namespace) -> int:
     paths = _host_paths(args)
     try:
-        text = Path(args.file).read_text() if args.file != "-" else sys.stdin.read()
-        policies = load_policies(text)
+        if args.file == "-":
+            policies = load_policy_bytes(sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1))
+        else:
+            policies = read_policy_file(Path(args.file))
     except OSError as exc:
         print(f"nodemem: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_INVALID

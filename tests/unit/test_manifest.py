@@ -7,7 +7,14 @@ import textwrap
 import pytest
 import yaml
 
-from nodemem.api.manifest import PolicyError, load_policies, policy_to_manifest, validate_policy
+from nodemem.api.manifest import (
+    MAX_MANIFEST_BYTES,
+    PolicyError,
+    load_policies,
+    load_policy_bytes,
+    policy_to_manifest,
+    validate_policy,
+)
 
 HEADER = "apiVersion: nodemem.dev/v1alpha1\nkind: NodeMemoryPolicy\n"
 
@@ -80,8 +87,8 @@ def test_multi_document_errors_name_the_document_and_policy() -> None:
         'document 2 (policy "bad"): spec.priority: Input should be a valid integer, found "x"',
         'document 2 (policy "bad"): spec.tmpfs[0].size: must be greater than 0 '
         "(size 0 would mean unlimited)",
-        'document 3 (policy "worse"): spec.oom[0].match.comm: invalid regex: '
-        "missing ), unterminated subpattern at position 0",
+        'document 3 (policy "worse"): spec.oom[0].match.comm: invalid regex (RE2 syntax): '
+        "missing ): (",
     ]
 
 
@@ -186,5 +193,47 @@ def test_defaults_are_left_out() -> None:
     assert policy_to_manifest(policy)["spec"] == {"tmpfs": [{"path": "/dev/shm", "size": "1Gi"}]}
 
 
-def test_deeply_nested_yaml_is_a_policy_error() -> None:
-    assert errors_of("[" * 5000) == ["document 1: YAML nested too deeply"]
+@pytest.mark.parametrize("text", ["[" * 5000, "{a: " * 5000, "- " * 5000])
+def test_deeply_nested_yaml_is_a_policy_error(text: str) -> None:
+    [message] = errors_of(text)
+    # libyaml stops at depth 1000; the pure-Python parser recurses until Python stops it.
+    assert message.startswith("document 1: YAML"), message
+    assert "nest" in message, message
+
+
+def test_a_key_given_twice_is_refused_with_its_line() -> None:
+    text = manifest("dup", "\n  priority: 1\n  tmpfs: []\n  priority: 100\n")
+    assert errors_of(text) == [
+        "document 1: YAML syntax error at line 7, column 3: while constructing a mapping; "
+        'found duplicate key "priority"'
+    ]
+
+
+def test_a_key_given_twice_deep_inside_an_item_is_refused() -> None:
+    spec = "{tmpfs: [{path: /dev/shm, size: 1Gi, size: 10Gi}]}"
+    [message] = errors_of(manifest("dup", spec))
+    assert message.endswith('found duplicate key "size"'), message
+
+
+def test_merge_keys_may_still_be_overridden() -> None:
+    text = manifest("merge", "{tmpfs: [{<<: {path: /dev/shm, size: 1Gi}, size: 2Gi}]}")
+    [policy] = load_policies(text)
+    assert policy.spec.tmpfs[0].size.text == "2Gi"
+
+
+def test_bytes_that_are_not_utf8_are_a_policy_error_naming_where() -> None:
+    data = manifest("latin", "{priority: 3}").encode() + b"# caf\xe9\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_bytes(data)
+    assert caught.value.messages == [
+        "not valid UTF-8: byte 0xe9 at line 5, column 6 (invalid continuation byte)"
+    ]
+    assert [p.name for p in load_policy_bytes(manifest("ok").encode())] == ["ok"]
+
+
+def test_a_manifest_larger_than_etcd_takes_is_refused_before_parsing() -> None:
+    comment = "# " + "x" * 1000 + "\n"
+    text = manifest("big") + comment * (MAX_MANIFEST_BYTES // len(comment) + 1)
+    assert errors_of(text) == [f"larger than {MAX_MANIFEST_BYTES} bytes (etcd's object limit)"]
+    with pytest.raises(PolicyError, match="larger than"):
+        load_policy_bytes(text.encode())

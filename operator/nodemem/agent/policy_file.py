@@ -7,10 +7,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from nodemem.api.manifest import PolicyError, load_policies
+from nodemem.api.manifest import MAX_MANIFEST_BYTES, PolicyError, load_policy_bytes
 from nodemem.api.policy import NodeMemoryPolicy
 
 log = logging.getLogger("nodemem.agent")
+
+
+def read_capped(path: Path) -> bytes:
+    """A manifest or state file's bytes; one byte past the cap is enough to refuse it
+    (a 10 GB file is never read whole). Raises OSError."""
+    with open(path, "rb") as file:
+        return file.read(MAX_MANIFEST_BYTES + 1)
+
+
+def read_policy_file(path: Path) -> list[NodeMemoryPolicy]:
+    """The policies in a manifest file; raises OSError or PolicyError (never a decoding
+    error: a byte that is not UTF-8 is a PolicyError naming where it is)."""
+    return load_policy_bytes(read_capped(path))
 
 
 class PolicyFile:
@@ -39,8 +52,12 @@ class PolicyFile:
             return None
         self._seen = version
         try:
-            policies = load_policies(self.path.read_text())
-        except (OSError, PolicyError) as exc:
+            policies = read_policy_file(self.path)
+        except OSError as exc:
+            self.last_error = f"cannot read {self.path}: {exc.strerror or exc}"
+            log.error("%s: keeping the policies in force", self.last_error)
+            return None
+        except PolicyError as exc:
             self.last_error = f"invalid policy file {self.path}:\n{exc}"
             log.error("%s\nkeeping the policies in force", self.last_error)
             return None

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
-from nodemem.api.manifest import PolicyError, load_policies, policy_to_manifest
+from nodemem.agent.policy_file import read_capped, read_policy_file
+from nodemem.api.manifest import PolicyError, decode_manifest, policy_to_manifest
 from nodemem.api.policy import NodeMemoryPolicy
 
 log = logging.getLogger("nodemem.agent")
@@ -42,13 +44,43 @@ class StateDir:
         self._write(NODE_LABELS_FILE, yaml.safe_dump(dict(labels)))
 
     def load_node_labels(self) -> dict[str, str] | None:
+        """The saved labels; None when there are none or the file is unusable (then it
+        is set aside: see `_set_aside`)."""
+        path = self.path / NODE_LABELS_FILE
         try:
-            labels = yaml.safe_load((self.path / NODE_LABELS_FILE).read_text())
-        except (OSError, yaml.YAMLError):
+            labels = yaml.safe_load(decode_manifest(read_capped(path)))
+        except FileNotFoundError:
             return None
-        if not isinstance(labels, dict):
+        except OSError as exc:
+            log.error("cannot read saved node labels %s: %s", path, exc.strerror or exc)
             return None
-        return {str(k): str(v) for k, v in labels.items()}
+        except (PolicyError, yaml.YAMLError, RecursionError) as exc:
+            self._set_aside(NODE_LABELS_FILE, str(exc))
+            return None
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            self._set_aside(NODE_LABELS_FILE, "not a mapping of label names to strings")
+            return None
+        return labels
+
+    def _set_aside(self, name: str, reason: str) -> None:
+        """A corrupt state file is renamed, never fatal: the agent starts without it (the
+        API brings the state back), and the bytes stay for whoever wants to look."""
+        aside = self.path / f"{name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            os.replace(self.path / name, aside)
+        except OSError as exc:
+            log.error(
+                "state file %s is unusable (%s); setting it aside failed: %s",
+                self.path / name,
+                reason,
+                exc.strerror or exc,
+            )
+            return
+        log.error(
+            "state file %s is unusable, set aside as %s: %s", self.path / name, aside.name, reason
+        )
 
     def _write(self, name: str, text: str) -> None:
         """Write atomically: a crash mid-write leaves the previous file, never half a one."""
@@ -65,16 +97,15 @@ class StateDir:
             raise
 
     def load_policies(self) -> list[NodeMemoryPolicy] | None:
-        """The saved policies; None when there are none (first start) or they are unusable."""
+        """The saved policies; None when there are none (first start) or they are unusable
+        (then the file is set aside)."""
         try:
-            text = self.policies_file.read_text()
+            return read_policy_file(self.policies_file)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.error("cannot read saved policies %s: %s", self.policies_file, exc)
             return None
-        try:
-            return load_policies(text)
         except PolicyError as exc:
-            log.error("saved policies %s are invalid, ignored: %s", self.policies_file, exc)
+            self._set_aside(POLICIES_FILE, str(exc))
             return None

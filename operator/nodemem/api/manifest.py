@@ -18,7 +18,19 @@ from pydantic_core import ErrorDetails
 
 from .policy import API_VERSION, KIND, NodeMemoryPolicy
 
-__all__ = ["PolicyError", "load_policies", "policy_to_manifest", "validate_policy"]
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "PolicyError",
+    "decode_manifest",
+    "load_policies",
+    "load_policy_bytes",
+    "policy_to_manifest",
+    "validate_policy",
+]
+
+# etcd's default limit for one object (1.5 MiB): a larger policy could never be stored in
+# a cluster, and parsing one costs seconds. Files and state are capped the same.
+MAX_MANIFEST_BYTES = 3 * 512 * 1024
 
 
 class PolicyError(ValueError):
@@ -29,12 +41,41 @@ class PolicyError(ValueError):
         super().__init__("\n".join(self.messages))
 
 
+def decode_manifest(data: bytes) -> str:
+    """A manifest file's bytes as text; PolicyError when it is too large or not UTF-8.
+
+    YAML is UTF-8 (as kubectl reads it): a byte that is not is an error naming where it
+    is, never a guess at another encoding.
+    """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise PolicyError([f"larger than {MAX_MANIFEST_BYTES} bytes (etcd's object limit)"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise PolicyError(
+            [
+                f"not valid UTF-8: byte 0x{data[error.start]:02x} at line {line}, "
+                f"column {column} ({error.reason})"
+            ]
+        ) from None
+
+
+def load_policy_bytes(data: bytes) -> list[NodeMemoryPolicy]:
+    """`load_policies` of a file's bytes (see decode_manifest); raises PolicyError."""
+    return load_policies(decode_manifest(data))
+
+
 def load_policies(text: str) -> list[NodeMemoryPolicy]:
     """The policies in a YAML text of one or more documents; empty documents are skipped.
 
-    Raises PolicyError listing every problem: YAML syntax (with its line), documents that
-    are not NodeMemoryPolicy v1alpha1, invalid fields, names used twice.
+    Raises PolicyError listing every problem: YAML syntax (with its line), a key given
+    twice in one mapping, documents that are not NodeMemoryPolicy v1alpha1, invalid
+    fields, names used twice.
     """
+    if len(text) > MAX_MANIFEST_BYTES:  # characters: at least as many bytes
+        raise PolicyError([f"larger than {MAX_MANIFEST_BYTES} bytes (etcd's object limit)"])
     documents, yaml_errors = _parse_yaml(text)
     errors: list[str] = []
     several = sum(document is not None for document in documents) > 1
@@ -95,11 +136,44 @@ def policy_to_manifest(policy: NodeMemoryPolicy) -> dict[str, Any]:
     }
 
 
+# libyaml's parser when PyYAML has it: 8x faster than the pure-Python one on large files.
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[valid-type, misc]
+    """Safe YAML that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last value silently (`size: 1Gi` ... `size: 10Gi`): the admin
+    would not know which one is enforced. Merge keys (`<<`) may still be overridden.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeConstructor reports it itself
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {_describe(key)}",
+                    key_node.start_mark,
+                )
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
 def _parse_yaml(text: str) -> tuple[list[object], list[str]]:
     """The documents of a YAML text and, if parsing stopped early, why."""
     documents: list[object] = []
     try:
-        for document in yaml.safe_load_all(text):
+        for document in yaml.load_all(text, Loader=_StrictLoader):  # a SafeLoader
             documents.append(document)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark

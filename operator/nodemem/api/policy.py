@@ -8,11 +8,11 @@ attributes are snake_case.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import re2
 from cronsim import CronSim
 from pydantic import (
     AfterValidator,
@@ -128,15 +128,33 @@ CronSchedule = Annotated[
 ]
 
 
-@dataclass(frozen=True)
+MAX_REGEX_LENGTH = 1024
+
+
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print every refused pattern to stderr
+    options.never_capture = True  # only whether it matches is used: no capture groups
+    return options
+
+
+_RE2_OPTIONS = _re2_options()
+
+
+@dataclass(frozen=True, eq=False)
 class Regex(WrittenValue):
-    """A regular expression (Python `re` syntax), compiled when the policy is validated."""
+    """A regular expression in RE2 syntax, compiled when the policy is validated.
 
-    compiled: re.Pattern[str]
+    RE2, not Python's `re`: the patterns are the admin's, but the text they run on (a
+    command line, a process name) is anyone's on the node, and RE2 matches in time
+    linear in the text, so no pattern can be made to backtrack forever (`^(a+)+$`
+    against `aaaa…!` stays microseconds). It is also the dialect of CRD `pattern`s.
+    RE2 has no backreferences, lookaround or possessive quantifiers; such a pattern is
+    refused at validation with RE2's reason.
+    """
 
-    @property
-    def text(self) -> str:
-        return self.compiled.pattern
+    text: str
+    compiled: Any  # re2._Regexp: the module has no type information
 
     @classmethod
     def parse(cls, value: object) -> Regex:
@@ -144,10 +162,24 @@ class Regex(WrittenValue):
             return value
         if not isinstance(value, str):
             raise ValueError(f"expected a regular expression string, found {type(value).__name__}")
+        if not value:
+            raise ValueError("must not be empty")
+        if len(value) > MAX_REGEX_LENGTH:
+            raise ValueError(f"longer than {MAX_REGEX_LENGTH} characters")
         try:
-            return cls(re.compile(value))
-        except (re.error, OverflowError, RecursionError) as error:
-            raise ValueError(f"invalid regex: {error}") from None
+            return cls(value, re2.compile(value, _RE2_OPTIONS))
+        except re2.error as error:
+            raise ValueError(f"invalid regex (RE2 syntax): {_re2_reason(error)}") from None
+
+    def search(self, text: str) -> bool:
+        """Whether the pattern occurs anywhere in `text` (anchor with ^ and $)."""
+        return self.compiled.search(text) is not None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Regex) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
 
     def __str__(self) -> str:
         return self.text
@@ -156,7 +188,15 @@ class Regex(WrittenValue):
     def __get_pydantic_json_schema__(
         cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        return {"type": "string", "minLength": 1}
+        return {"type": "string", "minLength": 1, "maxLength": MAX_REGEX_LENGTH}
+
+
+def _re2_reason(error: Exception) -> str:
+    """RE2's own words: its errors carry bytes (`b'invalid escape sequence: \\1'`)."""
+    reason = error.args[0] if error.args else error
+    if isinstance(reason, bytes):
+        return reason.decode("utf-8", "replace")
+    return str(reason)
 
 
 class PodVolumeSelector(BaseModel):
@@ -289,11 +329,14 @@ class OomMatch(BaseModel):
 
     model_config = _CONFIG
 
-    comm: Regex | None = Field(default=None, description="Regex on the process name (comm).")
-    cmdline: Regex | None = Field(
-        default=None, description="Regex on the command line, arguments joined by spaces."
+    comm: Regex | None = Field(
+        default=None, description="RE2 regex searched in the process name (comm)."
     )
-    cgroup: Regex | None = Field(default=None, description="Regex on the cgroup path.")
+    cmdline: Regex | None = Field(
+        default=None,
+        description="RE2 regex searched in the command line, arguments joined by spaces.",
+    )
+    cgroup: Regex | None = Field(default=None, description="RE2 regex searched in the cgroup path.")
     namespace: DnsLabel | None = Field(default=None, description="Namespace of the pod.")
     label_selector: LabelSelector | None = Field(
         default=None, description="Selector on the labels of the pod."

@@ -26,11 +26,11 @@ MAX_OUTCOMES_KEPT = 200
 
 def rule_matches(match: OomMatch, process: ProcessIdentity, pod: PodInfo | None) -> bool:
     """Every criterion given must hold. Regexes search (anchor with ^ and $)."""
-    if match.comm is not None and not match.comm.compiled.search(process.comm):
+    if match.comm is not None and not match.comm.search(process.comm):
         return False
-    if match.cmdline is not None and not match.cmdline.compiled.search(process.cmdline):
+    if match.cmdline is not None and not match.cmdline.search(process.cmdline):
         return False
-    if match.cgroup is not None and not match.cgroup.compiled.search(process.cgroup):
+    if match.cgroup is not None and not match.cgroup.search(process.cgroup):
         return False
     if match.qos_class is not None and process.qos_class != match.qos_class:
         return False
