@@ -74,3 +74,13 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[MountTmpfs]:
     yield mount
     for point in reversed(mounted):
         _umount(point)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts (append them); killed and reaped by PID after it."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()

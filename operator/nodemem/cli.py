@@ -16,11 +16,12 @@ from kubernetes import client as k8s
 
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.main import ClusterAgentOptions, run_cluster_agent
+from nodemem.agent.metrics import AgentMetrics, CycleMetrics, serve
 from nodemem.agent.policy_file import PolicyFile, read_policy_file
 from nodemem.api.crd import render_crds
 from nodemem.api.manifest import MAX_MANIFEST_BYTES, PolicyError, load_policy_bytes
 from nodemem.controller.operator import Controller, ControllerSettings
-from nodemem.host.meminfo import read_meminfo
+from nodemem.host.meminfo import MeminfoError, read_meminfo
 from nodemem.host.oom_predict import predict_victims
 from nodemem.host.paths import HostPaths
 from nodemem.host.shmem import scan_node
@@ -34,6 +35,9 @@ from nodemem.tables import apply_report_text, host_report_text
 EXIT_OK = 0
 EXIT_NOT_APPLIED = 1
 EXIT_INVALID = 2
+
+DEFAULT_STATE_DIR = "/var/lib/nodemem"
+DEFAULT_METRICS_PORT = 8080
 
 
 def _host_paths(args: argparse.Namespace) -> HostPaths:
@@ -67,20 +71,57 @@ def _pods(args: argparse.Namespace) -> PodDirectory:
         raise SystemExit(f"nodemem: {args.pods_file}: {exc}") from None
 
 
+class _CommandError(Exception):
+    """A command cannot start; `main` prints the message and exits with the code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _host_meminfo(args: argparse.Namespace, paths: HostPaths) -> dict[str, int]:
+    """Read first, so that a wrong --proc-root is named as such (exit 2) and a meminfo
+    that cannot be trusted is named with its line (exit 1), before anything else."""
+    where = paths.proc("meminfo")
+    try:
+        return read_meminfo(paths)
+    except OSError as exc:
+        raise _CommandError(
+            EXIT_INVALID, f"--proc-root {args.proc_root}: cannot read {where}: {exc.strerror}"
+        ) from None
+    except MeminfoError as exc:
+        raise _CommandError(EXIT_NOT_APPLIED, f"{where}: {exc}") from None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     paths = _host_paths(args)
+    _host_meminfo(args, paths)
     try:
         prediction = predict_victims(paths, cgroup=args.oom_cgroup, limit=args.top)
     except (FileNotFoundError, LookupError) as exc:
+        if args.oom_cgroup is None:
+            raise
         print(f"nodemem: --oom-cgroup {args.oom_cgroup}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     oom = oom_preview(paths, prediction, _pods(args))
     report = host_report(scan_node(paths), top=args.top, oom=oom)
+    for warning in report.warnings:
+        print(f"nodemem: warning: {warning}", file=sys.stderr)
     if args.json:
         print(report.model_dump_json(by_alias=True, indent=2))
     else:
         print(host_report_text(report))
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, found {value}")
+    return value
 
 
 def _node_labels(text: str) -> dict[str, str]:
@@ -108,7 +149,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         for message in exc.messages:
             print(f"  {message}", file=sys.stderr)
         return EXIT_INVALID
-    memory_total = read_meminfo(paths)["MemTotal"]
+    memory_total = _host_meminfo(args, paths)["MemTotal"]
     effective = effective_policy(policies, args.node_labels, memory_total)
     cleanups = effective.cleanup if args.run_cleanup else ()
     held_open = scan_node(paths).open_tmpfs_files if cleanups else {}
@@ -132,17 +173,39 @@ def cmd_agent(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.policy_file is None:
         return _cluster_agent(args)
-    source = PolicyFile(args.policy_file)
+    if args.state_dir is not None:
+        print(
+            "nodemem: agent: --state-dir is the cluster agent's (policies from the API kept "
+            "across outages); with --policy-file the file is the state: drop one of them",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    paths = _host_paths(args)
+    metrics = AgentMetrics() if args.metrics_port else None
     agent = NodeAgent(
-        _host_paths(args),
-        source,
+        paths,
+        PolicyFile(args.policy_file),
         node_labels=args.node_labels,
         pods=_pods(args),
         settings=AgentSettings(resync_seconds=args.resync, dry_run=args.dry_run),
+        on_cycle=CycleMetrics(metrics, paths) if metrics is not None else None,
     )
+    server = None
+    if metrics is not None:
+        try:
+            server = serve(
+                metrics, args.metrics_port, lambda: agent.state.resyncs > 0, args.metrics_host
+            )
+        except OSError as exc:
+            print(f"nodemem: agent: cannot serve metrics: {exc.strerror}", file=sys.stderr)
+            return EXIT_INVALID
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: agent.stop())
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        if server is not None:
+            server.server_close()
     return EXIT_OK
 
 
@@ -155,8 +218,11 @@ def _cluster_agent(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     options = ClusterAgentOptions(
         node_name=node,
-        state_dir=Path(args.state_dir),
-        metrics_port=args.metrics_port or None,
+        state_dir=Path(args.state_dir or DEFAULT_STATE_DIR),
+        metrics_port=DEFAULT_METRICS_PORT
+        if args.metrics_port is None
+        else args.metrics_port or None,
+        metrics_host=args.metrics_host,
         resync_seconds=args.resync,
         heartbeat_seconds=args.heartbeat,
         dry_run=args.dry_run,
@@ -205,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="explain this host's memory and Shmem")
     report.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    report.add_argument("--top", type=int, default=10, metavar="N", help="largest N objects")
+    report.add_argument(
+        "--top", type=_positive, default=10, metavar="N", help="largest N objects (N >= 1)"
+    )
     report.add_argument(
         "--oom-cgroup",
         metavar="PATH",
@@ -231,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="this node's labels, for the policies' nodeSelector",
     )
     apply.add_argument(
-        "--run-cleanup", action="store_true", help="run every cleanup rule now, due or not"
+        "--run-cleanup",
+        action="store_true",
+        help="run every cleanup rule now, due or not; exit 1 when a rule is not Completed "
+        "(a path skipped: missing, not on tmpfs, into other mounts; errors; a failed run)",
     )
     apply.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _add_host_options(apply)
@@ -251,14 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
     agent.add_argument(
         "--state-dir",
-        default="/var/lib/nodemem",
-        help="where the policies in force are kept across restarts and API outages",
+        help="where the policies in force are kept across restarts and API outages "
+        f"(default {DEFAULT_STATE_DIR}; cluster agent only)",
     )
     agent.add_argument(
         "--metrics-port",
         type=int,
-        default=8080,
-        help="port of /metrics, /healthz and /readyz (0: none)",
+        help="port of /metrics, /healthz and /readyz (0: none; default: "
+        f"{DEFAULT_METRICS_PORT} in a cluster, none with --policy-file)",
+    )
+    agent.add_argument(
+        "--metrics-host", default="0.0.0.0", help="address of the metrics port (default 0.0.0.0)"
     )
     agent.add_argument(
         "--heartbeat",
@@ -303,7 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except _CommandError as exc:
+        print(f"nodemem: {exc}", file=sys.stderr)
+        return exc.code
+    except MeminfoError as exc:  # read again after the first check, and now broken
+        print(f"nodemem: {exc}", file=sys.stderr)
+        return EXIT_NOT_APPLIED
     return result
 
 

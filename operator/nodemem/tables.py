@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 from nodemem.api.quantity import format_bytes
@@ -9,12 +10,35 @@ from nodemem.api.report import ApplyReport, HostReport
 
 MAX_CELL = 60
 
+# Control, format (bidi overrides), line and paragraph separators: a file or process
+# name carrying one could forge a line or reorder a column on the terminal.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: str) -> str:
+    """`text` with every character that moves the cursor or hides text escaped."""
+    if text.isprintable():
+        return text
+    return "".join(
+        _escape(ch) if unicodedata.category(ch) in _HIDDEN_CATEGORIES else ch for ch in text
+    )
+
+
+def _escape(ch: str) -> str:
+    if ch in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _cell(value: object) -> str:
+    text = visible(str(value))
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
-    cells = [
-        [str(c) if len(str(c)) <= MAX_CELL else str(c)[: MAX_CELL - 1] + "…" for c in row]
-        for row in rows
-    ]
+    cells = [[_cell(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
@@ -28,7 +52,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "
 def host_report_text(report: HostReport) -> str:
     mem = report.memory
     shmem = report.shmem
-    out = [
+    out = [f"WARNING: {warning}" for warning in report.warnings]
+    out += [
         f"Memory: {format_bytes(mem.total_bytes)} total, "
         f"{format_bytes(mem.available_bytes)} available",
         table(
@@ -171,11 +196,12 @@ def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> 
             "",
             "cleanup:",
             table(
-                ("RULE", "POLICY", "REMOVED", "FREED", "HELD OPEN", "ERRORS"),
+                ("RULE", "POLICY", "STATE", "REMOVED", "FREED", "HELD OPEN", "ERRORS"),
                 [
                     (
                         c.name,
                         c.policy,
+                        c.state,
                         f"{c.files_removed} files" + (" (would)" if c.dry_run else ""),
                         format_bytes(c.bytes_removed),
                         f"{c.held_open_files} files, {format_bytes(c.held_open_bytes)}",
@@ -186,13 +212,22 @@ def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> 
             ),
         ]
         for c in report.cleanup:
-            out += [f"  {c.name}: would remove {path}" for path in c.would_remove]
+            if c.message:
+                out.append(visible(f"  {c.name}: {c.state}: {c.message}"))
             out += [
-                f"  {c.name}: kept {f.path} ({format_bytes(f.bytes)}), held open by "
-                + ", ".join(f"{p.pid} {p.comm}" for p in f.pids)
+                visible(f"  {c.name}: {p.pattern}: {p.state}: {p.message}")
+                for p in c.patterns
+                if p.state != "Walked"
+            ]
+            out += [visible(f"  {c.name}: would remove {path}") for path in c.would_remove]
+            out += [
+                visible(
+                    f"  {c.name}: kept {f.path} ({format_bytes(f.bytes)}), held open by "
+                    + ", ".join(f"{p.pid} {p.comm}" for p in f.pids)
+                )
                 for f in c.held_open
             ]
-            out += [f"  {c.name}: error: {error}" for error in c.errors]
+            out += [visible(f"  {c.name}: error: {error}") for error in c.errors]
     elif cleanup_skipped:
         out += [
             "",
@@ -204,7 +239,8 @@ def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> 
             "",
             f"oom_score_adj: {oom.matched} processes matched, {oom.adjusted} adjusted, "
             f"{oom.unchanged} unchanged, {oom.forbidden} forbidden, {oom.failed} failed"
-            + (f", {oom.planned} would be adjusted" if oom.planned else ""),
+            + (f", {oom.planned} would be adjusted" if oom.planned else "")
+            + (f", {oom.vanished} vanished before the write" if oom.vanished else ""),
             table(
                 ("RULE", "POLICY", "MATCHED", "ADJUSTED", "UNCHANGED", "FORBIDDEN", "FAILED"),
                 [
@@ -221,5 +257,8 @@ def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> 
                 ],
             ),
         ]
-        out += [f"  {f.rule}: pid {f.pid} {f.comm}: {f.state}: {f.message}" for f in oom.failures]
+        out += [
+            visible(f"  {f.rule}: pid {f.pid} {f.comm}: {f.state}: {f.message}")
+            for f in oom.failures
+        ]
     return "\n".join(out)

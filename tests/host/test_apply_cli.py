@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +249,42 @@ def test_memory_emptydirs_of_selected_pods_only(mount_tmpfs, tmp_path, capsys) -
     # Without knowing the pods, no volume is selected (and none is touched).
     assert run_apply(tmp_path, document, "--json") == 0
     assert json.loads(capsys.readouterr().out)["tmpfs"][0]["state"] == "NotFound"
+
+
+@pytest.mark.parametrize(
+    ("junk", "message"),
+    [
+        (b"# caf\xe9\n", "not valid UTF-8: byte 0xe9"),
+        (b"metadata: {name: twice}\n", 'found duplicate key "metadata"'),
+        (b"#" * (2 << 20) + b"\n", "larger than"),
+    ],
+    ids=["non-utf8", "duplicate-key", "oversize"],
+)
+def test_a_corrupt_policy_file_exits_2_and_changes_nothing(
+    mount_tmpfs, tmp_path, junk, message
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    before = mount_state(point)
+    policy = tmp_path / "policy.yaml"
+    policy.write_bytes(yaml.safe_dump(manifest(point)).encode() + junk)
+    done = subprocess.run(
+        [sys.executable, "-m", "nodemem.cli", "apply", "-f", str(policy)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert mount_state(point) == before
+
+
+def test_an_unlimited_tmpfs_reports_what_it_holds(mount_tmpfs, tmp_path, capsys) -> None:
+    # statfs of a size=0 tmpfs counts no blocks: USED must come from its files.
+    point = mount_tmpfs(options="size=0")
+    (point / "data").write_bytes(b"x" * (12 << 20))
+    assert run_apply(tmp_path, manifest(point, size="4Mi"), "--json") == 1
+    (item,) = json.loads(capsys.readouterr().out)["tmpfs"]
+    assert item["state"] == "Refused"
+    assert item["usedBytes"] == 12 << 20

@@ -11,13 +11,22 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nodemem.host.cleanup import CleanupResult, CleanupSpec, HeldOpenFile, run_cleanup
+from nodemem.host.cleanup import (
+    CleanupResult,
+    CleanupSpec,
+    CleanupState,
+    HeldOpenFile,
+    PatternResult,
+    PatternState,
+    run_cleanup,
+)
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
 from samples import exec_done, names, write
@@ -214,8 +223,13 @@ def test_symlink_to_a_directory_is_never_entered(host: HostPaths, tmp_path: Path
     link_itself = clean(host, "/mnt/**")
 
     assert through.files_removed == 0
-    assert through.errors == [
-        "/mnt/dir: symlink 'dir' on a tmpfs in the pattern's base, not followed"
+    assert through.patterns == [
+        PatternResult("/mnt/*/x.log", PatternState.WALKED),
+        PatternResult(
+            "/mnt/dir/*",
+            PatternState.FAILED,
+            "/mnt/dir: symlink 'dir' on a tmpfs in the pattern's base, not followed",
+        ),
     ]
     assert [file.path for file in link_itself.removed] == ["/mnt/dir"]
     assert outside.exists()
@@ -258,6 +272,15 @@ def test_base_not_on_tmpfs_is_skipped_and_untouched(host: HostPaths) -> None:
     assert result.skipped_not_tmpfs == ["/disk"]
     assert (disk / "old.log").exists()
     assert result.errors == []
+    fstype = fstype_of(disk)  # the test root's filesystem: ext4, xfs, overlay...
+    assert fstype != "tmpfs"
+    skipped = PatternResult("", PatternState.SKIPPED, f"not on tmpfs: /disk is on {fstype}")
+    assert result.patterns == [
+        replace(skipped, pattern="/disk/*"),
+        replace(skipped, pattern="/disk/**"),
+        PatternResult("/mnt/*", PatternState.WALKED),
+    ]
+    assert result.state is CleanupState.INCOMPLETE
 
 
 def test_host_symlink_in_the_base_resolves_inside_the_host_root(
@@ -285,8 +308,13 @@ def test_symlink_on_a_tmpfs_in_the_base_is_not_followed(
     result = clean(host, "/mnt/link/*.log")
 
     assert result.files_removed == 0
-    assert result.errors == [
-        "/mnt/link: symlink 'link' on a tmpfs in the pattern's base, not followed"
+    assert result.state is CleanupState.FAILED
+    assert result.patterns == [
+        PatternResult(
+            "/mnt/link/*.log",
+            PatternState.FAILED,
+            "/mnt/link: symlink 'link' on a tmpfs in the pattern's base, not followed",
+        )
     ]
     assert (other / "old.log").exists()
 
@@ -349,4 +377,122 @@ def test_devtmpfs_is_never_a_cleanup_base() -> None:
     spec = CleanupSpec(name="dev", paths=("/dev/*",), older_than=timedelta(seconds=1))
     result = run_cleanup(HostPaths(), spec, {}, dry_run=True)
     assert result.skipped_not_tmpfs == ["/dev"]
+    assert result.patterns == [
+        PatternResult("/dev/*", PatternState.SKIPPED, "not on tmpfs: /dev is on devtmpfs")
+    ]
     assert result.would_remove == []
+
+
+# --- excludes: relative to each pattern's base, either spelling of a directory ----------
+
+
+def test_relative_exclude_with_a_slash_is_relative_to_each_patterns_base(host: HostPaths) -> None:
+    # The issue: paths /m/logs/**, exclude sub/keep.log deleted /m/logs/sub/keep.log.
+    mnt = host.host("/mnt")
+    for name in (
+        "logs/sub/keep.log",
+        "logs/sub/other.log",
+        "logs/deeper/sub/keep.log",  # sub/keep.log is anchored at the base, not anywhere
+        "logs/cache/a/b.bin",
+        "tmp/sub/keep.log",
+        "tmp/sub/x.tmp",
+    ):
+        write(mnt / name, age=2 * HOUR)
+
+    result = clean(
+        host,
+        "/mnt/logs/**",
+        "/mnt/tmp/*/*",
+        older_than=timedelta(hours=1),
+        exclude=("sub/keep.log", "cache/*"),
+    )
+
+    assert names(mnt) == {"logs/sub/keep.log", "logs/cache/a/b.bin", "tmp/sub/keep.log"}
+    assert {file.path for file in result.removed} == {
+        "/mnt/logs/sub/other.log",
+        "/mnt/logs/deeper/sub/keep.log",
+        "/mnt/tmp/sub/x.tmp",
+    }
+    assert result.state is CleanupState.COMPLETED
+
+
+def test_excludes_name_a_directory_through_a_symlink_or_by_its_real_path(
+    host: HostPaths,
+) -> None:
+    mnt = host.host("/mnt")
+    (host.host_root / "var").mkdir()
+    (host.host_root / "var" / "logs").symlink_to("/mnt/logs")  # on the root fs: followed
+    (mnt / "alias").symlink_to("logs")  # on the tmpfs: never followed by paths
+    spellings = [
+        # (paths, exclude): every exclude below names /mnt/logs/sub/keep.log
+        ("/var/logs/**", "/mnt/logs/sub/keep.log"),  # pattern via the symlink, exclude real
+        ("/mnt/logs/**", "/var/logs/sub/keep.log"),  # pattern real, exclude via the symlink
+        ("/var/logs/**", "/var/logs/sub/*.log"),
+        ("/var/logs/**", "sub/keep.log"),
+        ("/mnt/logs/**", "/mnt/alias/sub/keep.log"),  # an exclude may go through a tmpfs link
+    ]
+    for pattern, exclude in spellings:
+        keep = write(mnt / "logs" / "sub" / "keep.log", age=2 * HOUR)
+        drop = write(mnt / "logs" / "sub" / "drop.txt", age=2 * HOUR)
+
+        result = clean(host, pattern, older_than=timedelta(hours=1), exclude=(exclude,))
+
+        assert keep.exists(), (pattern, exclude)
+        assert not drop.exists(), (pattern, exclude)
+        assert result.files_removed == 1
+        assert result.state is CleanupState.COMPLETED
+
+    # The tmpfs symlink in a pattern's base is refused, whatever the excludes say.
+    write(mnt / "logs" / "sub" / "drop.txt", age=2 * HOUR)
+    through_tmpfs_link = clean(host, "/mnt/alias/**", exclude=("sub/keep.log",))
+    assert [p.state for p in through_tmpfs_link.patterns] == [PatternState.FAILED]
+    assert (mnt / "logs" / "sub" / "drop.txt").exists()
+
+
+# --- patterns that can do nothing are reported -------------------------------------------
+
+
+def fstype_of(path: Path) -> str:
+    out = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def test_a_typo_in_the_base_is_skipped_and_reported(host: HostPaths) -> None:
+    old = write(host.host("/mnt/logs/old.log"), age=2 * HOUR)
+
+    result = clean(host, "/mnt/lgos/*.log", older_than=timedelta(hours=1))
+
+    assert result.patterns == [
+        PatternResult("/mnt/lgos/*.log", PatternState.SKIPPED, "/mnt/lgos does not exist")
+    ]
+    assert result.state is CleanupState.INCOMPLETE
+    assert old.exists()
+
+
+def test_a_glob_crossing_into_separate_mounts_is_reported(host: HostPaths, mount: Mount) -> None:
+    users = host.host("/mnt/users")
+    for uid in ("1000", "1001"):
+        mount("-t", "tmpfs", "-o", "size=1m", "nodemem-test", point=users / uid)
+        write(users / uid / "x.log", age=2 * HOUR)
+    write(users / "local" / "x.log", age=2 * HOUR)  # on the base's own mount
+
+    result = clean(host, "/mnt/users/*/x.log", older_than=timedelta(hours=1))
+    excluded = clean(host, "/mnt/users/*/x.log", exclude=("1000", "/mnt/users/1001"))
+
+    assert [file.path for file in result.removed] == ["/mnt/users/local/x.log"]
+    [pattern] = result.patterns
+    assert pattern.state is PatternState.INCOMPLETE
+    assert pattern.message.startswith("crosses into another mount at ")
+    assert set(pattern.message.split(": ")[0].split(" at ")[1].split(", ")) == {
+        "/mnt/users/1000",
+        "/mnt/users/1001",
+    }
+    assert result.state is CleanupState.INCOMPLETE
+    assert (users / "1000" / "x.log").exists() and (users / "1001" / "x.log").exists()
+    # Excluding the mount points says they are meant to be left alone: nothing to report.
+    assert [p.state for p in excluded.patterns] == [PatternState.WALKED]

@@ -18,6 +18,7 @@ from nodemem.host.oom_adj import (
     set_oom_score_adj,
 )
 from nodemem.host.paths import HostPaths
+from nodemem.host.procfs import start_time
 
 pytestmark = pytest.mark.privileged
 
@@ -54,10 +55,10 @@ def test_raise_then_unchanged(
     # Same value again: read, compared, and not written at all.
     real_open = os.open
 
-    def no_writes(path: str | os.PathLike[str], flags: int, *args: int) -> int:
+    def no_writes(path: str | os.PathLike[str], flags: int, *args: int, **kwargs: int) -> int:
         if str(path).endswith("oom_score_adj") and flags & os.O_WRONLY:
             raise AssertionError(f"wrote {path} although the value was already set")
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", no_writes)  # the module calls os.open
     again = set_oom_score_adj(PATHS, sleeper.pid, 500)
@@ -137,3 +138,31 @@ def test_out_of_range_values_are_rejected(sleeper: subprocess.Popen[bytes]) -> N
         with pytest.raises(ValueError):
             set_oom_score_adj(PATHS, sleeper.pid, value)
     assert read_oom_score_adj(PATHS, sleeper.pid) == initial
+
+
+def test_another_start_time_is_vanished_and_not_written(sleeper: subprocess.Popen[bytes]) -> None:
+    """The pid is right but the process is not the one matched (pid reuse)."""
+    initial = read_oom_score_adj(PATHS, sleeper.pid)
+    started = start_time(PATHS, sleeper.pid)
+    result = set_oom_score_adj(PATHS, sleeper.pid, 700, expected_start=started - 1)
+    assert result.state is AdjState.VANISHED, result.message
+    assert f"pid {sleeper.pid} now names another process" in result.message
+    assert read_oom_score_adj(PATHS, sleeper.pid) == initial
+    # The identity it has: written.
+    result = set_oom_score_adj(PATHS, sleeper.pid, 700, expected_start=started)
+    assert result.state is AdjState.ADJUSTED, result.message
+    assert read_oom_score_adj(PATHS, sleeper.pid) == 700
+
+
+def test_matched_process_that_exited_is_vanished() -> None:
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        started = start_time(PATHS, process.pid)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    if Path(f"/proc/{process.pid}").exists():
+        pytest.skip("pid reused at once; refusing to write a process we did not start")
+    result = set_oom_score_adj(PATHS, process.pid, 300, expected_start=started)
+    assert result.state is AdjState.VANISHED
+    assert result.message == "the process exited before the write"

@@ -7,7 +7,9 @@ import contextlib
 import io
 import json
 import secrets
+import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -179,3 +181,30 @@ def test_pid_1_and_kernel_threads_are_never_touched() -> None:
     for pid in (1, 2):  # init and kthreadd: refused before anything is read or written
         assert apply_to_process(paths, pid, effective.oom, PodDirectory(), dry_run=False) is None
     assert adj(2) == 0
+
+
+def test_a_catastrophic_regex_against_a_hostile_cmdline_finishes(sleeper, tmp_path) -> None:
+    """Any user picks their own argv[0]; a backtracking engine would take 2^40 steps on
+    this one. RE2 answers in linear time, so the apply ends and the rest is enforced."""
+    hostile = subprocess.Popen(["m-x" + "a" * 40 + "!", "300"], executable=shutil.which("sleep"))
+    try:
+        exec_done(hostile.pid, ["m-x" + "a" * 40 + "!", "300"])
+        pid, token = sleeper()
+        rules = [
+            {"name": "evil", "match": {"cmdline": "^m-x(a+)+$"}, "oomScoreAdj": 500},
+            {"name": "mine", "match": {"cmdline": token}, "oomScoreAdj": 600},
+        ]
+        path = tmp_path / "policy.yaml"
+        path.write_text(yaml.safe_dump(policy(rules)))
+        done = subprocess.run(
+            [sys.executable, "-m", "nodemem.cli", "apply", "-f", str(path)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert (adj(pid), adj(hostile.pid)) == (600, 0)
+    finally:
+        hostile.kill()
+        hostile.wait()

@@ -64,25 +64,18 @@ def manifest(point: Path, token: str, oom_adj: int = 700) -> dict[str, Any]:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture
 def running_agent(mount_tmpfs, tmp_path) -> Iterator[Callable[..., tuple[NodeAgent, Path]]]:
     threads: list[tuple[NodeAgent, threading.Thread]] = []
 
-    def start(document: dict[str, Any], clock: FakeWallClock) -> tuple[NodeAgent, Path]:
+    def start(
+        document: dict[str, Any], clock: FakeWallClock, **settings: Any
+    ) -> tuple[NodeAgent, Path]:
         policy = tmp_path / "policy.yaml"
         policy.write_text(yaml.safe_dump(document))
         agent = NodeAgent(
             HostPaths(),
             PolicyFile(policy),
-            settings=AgentSettings(resync_seconds=3600, poll_seconds=0.05),
+            settings=AgentSettings(resync_seconds=3600, poll_seconds=0.05, **settings),
             wall_clock=clock,
         )
         thread = threading.Thread(target=agent.run, daemon=True)
@@ -142,6 +135,24 @@ def test_agent_enforces_then_follows_exec_events_cron_and_file_edits(
     wait_for(lambda: adj(processes[-1].pid) == 800)
 
 
+def test_a_dry_run_cleanup_logs_what_it_would_remove_and_removes_nothing(
+    mount_tmpfs, running_agent, caplog
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    clock = FakeWallClock()
+    agent, _ = running_agent(manifest(point, "nodemem-no-such-token"), clock, dry_run=True)
+    old = point / "old.log"
+    old.write_bytes(b"x" * MiB)
+    os.utime(old, (0, 0))
+    with caplog.at_level("INFO", logger="nodemem.agent"):
+        clock.now += timedelta(minutes=30)
+        wait_for(lambda: "old" in agent.state.cleanups)
+    assert old.exists()
+    assert agent.state.cleanups["old"].files_removed == 1  # counted as "would remove"
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cleanup old")]
+    assert "1 files, 1048576 bytes would be removed (dry run)" in line
+
+
 def test_agent_command_stops_cleanly_on_sigint(mount_tmpfs, tmp_path) -> None:
     point = mount_tmpfs(options="size=64m")
     policy = tmp_path / "policy.yaml"
@@ -163,6 +174,37 @@ def test_agent_command_stops_cleanly_on_sigint(mount_tmpfs, tmp_path) -> None:
     log = agent.stderr.read()
     assert "policies in force: agent-test/1" in log
     assert "Traceback" not in log
+
+
+def test_a_non_utf8_byte_in_the_policy_file_keeps_the_policy_in_force(
+    mount_tmpfs, tmp_path, processes
+) -> None:
+    point = mount_tmpfs(options="size=64m")
+    token = f"{secrets.randbelow(10**6) + 10**6}"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(manifest(point, token)))
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as stderr:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "nodemem.cli", "agent", "--policy-file", str(policy)],
+            stderr=stderr,
+        )
+    try:
+        wait_for(lambda: "policies in force: agent-test/1" in log.read_text())
+        with open(policy, "ab") as file:
+            file.write(b"# caf\xe9\n")
+        wait_for(lambda: "not valid UTF-8: byte 0xe9" in log.read_text())
+        assert agent.poll() is None, "the agent died of one byte"
+        # The policy read before the edit is still the one in force.
+        processes.append(subprocess.Popen(["sleep", f"{token}.1"]))
+        wait_for(lambda: adj(processes[-1].pid) == 700)
+        agent.send_signal(signal.SIGINT)
+        assert agent.wait(timeout=5) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert "Traceback" not in log.read_text()
 
 
 def test_resyncs_reread_only_new_processes_while_exec_events_flow(

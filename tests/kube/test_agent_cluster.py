@@ -124,15 +124,6 @@ def start_agent(kube_server: EmulatorThread, kubeconfig: Path, tmp_path: Path) -
         agent.halt()
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        process.kill()
-        process.wait()
-
-
 def spawn(processes: list[subprocess.Popen[bytes]], token: str) -> int:
     processes.append(subprocess.Popen(["sleep", f"{token}.{len(processes) + 1}"]))
     return processes[-1].pid

@@ -73,3 +73,30 @@ def test_a_list_drops_saved_policies_deleted_meanwhile(tmp_path: Path) -> None:
 def test_an_unusable_state_file_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "policies.yaml").write_text("kind: [broken")
     assert names(ClusterPolicies(StateDir(tmp_path))) == []
+
+
+def test_a_non_utf8_byte_in_saved_policies_sets_the_file_aside(tmp_path: Path) -> None:
+    saver = ClusterPolicies(StateDir(tmp_path))
+    saver.replace_all([policy("saved")])
+    saver()  # saved
+    saved = tmp_path / "policies.yaml"
+    saved.write_bytes(saved.read_bytes() + b"# caf\xe9\n")
+    assert names(ClusterPolicies(StateDir(tmp_path))) == []  # starts, without them
+    assert b"\xe9" not in saved.read_bytes()  # what is saved now is what is in force
+    (aside,) = tmp_path.glob("policies.yaml.corrupt-*")
+    assert aside.read_bytes().endswith(b"# caf\xe9\n")  # the bytes stay for a look
+
+
+def test_a_non_utf8_byte_in_saved_node_labels_sets_the_file_aside(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.save_node_labels({"role": "db"})
+    (tmp_path / "node-labels.yaml").write_bytes(b"role: caf\xe9\n")
+    assert state.load_node_labels() is None
+    (aside,) = tmp_path.iterdir()  # nothing else: the agent starts without labels
+    assert aside.name.startswith("node-labels.yaml.corrupt-")
+
+
+def test_saved_node_labels_that_are_not_strings_are_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "node-labels.yaml").write_text("role: [a, b]\n")
+    assert StateDir(tmp_path).load_node_labels() is None
+    assert list(tmp_path.glob("node-labels.yaml.corrupt-*"))

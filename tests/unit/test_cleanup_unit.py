@@ -9,6 +9,7 @@ same walker on real tmpfs mounts, with the real check.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -17,13 +18,38 @@ from typing import Any
 
 import pytest
 
+from nodemem.api.crd import policy_crd
+from nodemem.api.manifest import PolicyError, validate_policy
+from nodemem.api.report import PolicyRef
+from nodemem.api.status import NodeMemoryReportStatus
+from nodemem.controller.rollup import failures_of
 from nodemem.host import cleanup
-from nodemem.host.cleanup import CleanupResult, CleanupSpec, HeldOpenFile, run_cleanup
+from nodemem.host.cleanup import (
+    CleanupResult,
+    CleanupSpec,
+    CleanupState,
+    HeldOpenFile,
+    PatternResult,
+    PatternState,
+    run_cleanup,
+)
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
+from nodemem.policy.apply import ApplyResult, CleanupOutcome
+from nodemem.policy.report import cleanup_status
 from samples import names, write
 
 HOUR = 3600.0
+
+
+def _crd_cleanup_path_pattern() -> str:
+    [version] = policy_crd()["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    pattern: str = spec["properties"]["cleanup"]["items"]["properties"]["paths"]["items"]["pattern"]
+    return pattern
+
+
+CRD_CLEANUP_PATH = _crd_cleanup_path_pattern()
 NO_HOLDERS: dict[tuple[int, int], Sequence[Holder]] = {}
 
 
@@ -73,6 +99,10 @@ def removed_paths(result: CleanupResult) -> set[str]:
         ({"paths": ("/run/*",), "target_usage": 0.3}, "needs when_usage_above"),
         ({"paths": ("/run/*",), "when_usage_above": 0.3, "target_usage": 0.5}, "above"),
         ({"paths": ("/run/*",), "exclude": ("",)}, "empty exclude"),
+        ({"paths": ("/x.log",)}, "literal directory is /"),
+        ({"paths": ("/*",)}, "literal directory is /"),
+        ({"paths": ("/**",)}, "literal directory is /"),
+        ({"paths": ("/*/shm/*",)}, "literal directory is /"),
     ],
 )
 def test_spec_rejects_unsafe_or_inconsistent_rules(options: dict[str, Any], message: str) -> None:
@@ -93,7 +123,6 @@ def test_spec_keeps_lists_as_tuples() -> None:
         ("/run/app/logs/*.log", ("run", "app", "logs"), ("*.log",)),
         ("/dev/shm/app-*", ("dev", "shm"), ("app-*",)),
         ("/run/app/x.log", ("run", "app"), ("x.log",)),
-        ("/x.log", (), ("x.log",)),
         ("/run//app/*/cache/[0-9]*", ("run", "app"), ("*", "cache", "[0-9]*")),
         ("/run/app/**", ("run", "app"), ("**", "*")),
         ("/run/**/**/*.tmp", ("run",), ("**", "*.tmp")),
@@ -228,17 +257,26 @@ def test_base_symlinks_resolve_inside_the_host_root(
     assert outside.exists()
 
 
-def test_missing_base_matches_nothing_quietly(host: HostPaths) -> None:
-    result = clean(host, "/mnt/not-yet/*.log", "/nowhere/*")
+def test_missing_base_is_skipped_and_reported(host: HostPaths) -> None:
+    result = clean(host, "/mnt/not-yet/*.log", "/nowhere/*", "/mnt/*")
     assert result.files_removed == 0
     assert result.errors == []
     assert result.skipped_not_tmpfs == []
+    assert result.patterns == [
+        PatternResult("/mnt/not-yet/*.log", PatternState.SKIPPED, "/mnt/not-yet does not exist"),
+        PatternResult("/nowhere/*", PatternState.SKIPPED, "/nowhere does not exist"),
+        PatternResult("/mnt/*", PatternState.WALKED),
+    ]
+    assert result.state is CleanupState.INCOMPLETE
 
 
 def test_base_on_a_file_is_an_error(host: HostPaths) -> None:
     write(host.host("/mnt/file"))
     result = clean(host, "/mnt/file/*")
-    assert result.errors == ["/mnt/file: Not a directory"]
+    assert result.patterns == [
+        PatternResult("/mnt/file/*", PatternState.SKIPPED, "/mnt/file is not a directory")
+    ]
+    assert result.state is CleanupState.INCOMPLETE
 
 
 # --- races: the walk saw one thing, removal finds another --------------------------------
@@ -340,3 +378,89 @@ def test_a_nested_base_is_never_removed(host: HostPaths, tree_of_old_dirs: Path)
 
     assert result.dirs_removed == 1  # a/empty; a/b is a base and so a is not empty
     assert (tree_of_old_dirs / "a" / "b").is_dir()
+
+
+# --- the model: what validation refuses before any run ------------------------------------
+
+
+def _policy_with_cleanup(**fields: Any) -> dict[str, Any]:
+    rule = {"name": "c", "paths": ["/run/app/*"], "schedule": "0 * * * *", "olderThan": "1h"}
+    return {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryPolicy",
+        "metadata": {"name": "p"},
+        "spec": {"cleanup": [rule | fields]},
+    }
+
+
+@pytest.mark.parametrize("path", ["/", "/*", "/**", "/x.log", "/*/shm/*", "/[a-z]*/x"])
+def test_a_cleanup_path_whose_literal_directory_is_root_is_refused_naming_the_field(
+    path: str,
+) -> None:
+    with pytest.raises(PolicyError) as refused:
+        validate_policy(_policy_with_cleanup(paths=["/dev/shm/*", path]))
+    [message] = refused.value.messages
+    assert message.startswith("spec.cleanup[0].paths[1]: ")
+    assert "literal (glob-free) directory is /" in message
+    with pytest.raises(ValueError, match=r"literal directory is /|names files"):  # the engine too
+        CleanupSpec(name="c", paths=(path,))
+
+
+@pytest.mark.parametrize("path", ["/dev/shm/*", "/run/user/*/x", "/a/**"])
+def test_a_cleanup_path_below_a_literal_directory_is_accepted(path: str) -> None:
+    validate_policy(_policy_with_cleanup(paths=[path]))
+    assert re.match(CRD_CLEANUP_PATH, path)
+
+
+@pytest.mark.parametrize("path", ["/", "/*", "/**", "/x.log", "/*/shm/*"])
+def test_the_crd_refuses_the_same_paths(path: str) -> None:
+    assert not re.match(CRD_CLEANUP_PATH, path)
+
+
+@pytest.mark.parametrize("exclude", ["./keep", "sub//keep", "sub/", "/run/./app/x"])
+def test_an_exclude_that_could_never_match_is_refused(exclude: str) -> None:
+    with pytest.raises(PolicyError) as refused:
+        validate_policy(_policy_with_cleanup(exclude=["*.keep", exclude]))
+    [message] = refused.value.messages
+    assert message.startswith("spec.cleanup[0].exclude[1]: ")
+
+
+def test_relative_exclude_with_a_slash_joins_each_patterns_base(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    for name in ("a/sub/keep", "a/sub/x", "b/sub/keep", "b/c/sub/keep"):
+        write(mnt / name, age=2 * HOUR)
+
+    result = clean(host, "/mnt/a/**", "/mnt/b/**", exclude=("sub/keep",))
+
+    assert removed_paths(result) == {"/mnt/a/sub/x", "/mnt/b/c/sub/keep"}
+
+
+def test_a_skipped_or_failed_cleanup_is_a_failure_of_its_policy_on_the_node() -> None:
+    outcome = CleanupOutcome(
+        "p",
+        CleanupResult(
+            "logs",
+            False,
+            0,
+            0,
+            0,
+            [],
+            [],
+            [],
+            [],
+            [],
+            patterns=[
+                PatternResult("/run/lgos/*", PatternState.SKIPPED, "/run/lgos does not exist")
+            ],
+        ),
+    )
+    failed = CleanupOutcome("p", CleanupResult.failed("bad", dry_run=False, message="boom"))
+    statuses = [cleanup_status(outcome), cleanup_status(failed)]
+    report = NodeMemoryReportStatus(policies=[PolicyRef(name="p", generation=1)], cleanup=statuses)
+
+    assert [s.state for s in statuses] == ["Incomplete", "Failed"]
+    assert ApplyResult(cleanup=[outcome]).failed and ApplyResult(cleanup=[failed]).failed
+    assert failures_of("p", report) == [
+        "cleanup bad: Failed: boom",
+        "cleanup logs: /run/lgos/*: Skipped: /run/lgos does not exist",
+    ]

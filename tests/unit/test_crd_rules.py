@@ -86,7 +86,7 @@ percents = st.builds(
 
 
 def _refuses_target(trigger: str, target: str) -> bool:
-    rule: dict[str, Any] = {"name": "c", "paths": ["/x"], "schedule": "* * * * *"}
+    rule: dict[str, Any] = {"name": "c", "paths": ["/x/y"], "schedule": "* * * * *"}
     rule |= {"whenUsageAbove": trigger, "targetUsage": target}
     manifest: dict[str, Any] = {"apiVersion": "nodemem.dev/v1alpha1", "kind": "NodeMemoryPolicy"}
     manifest |= {"metadata": {"name": "p"}, "spec": {"cleanup": [rule]}}

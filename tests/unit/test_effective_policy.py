@@ -8,7 +8,13 @@ import pytest
 
 from nodemem.api.manifest import validate_policy
 from nodemem.api.policy import NodeMemoryPolicy
-from nodemem.policy.effective import PolicyRef, effective_policy
+from nodemem.policy.effective import (
+    EffectivePolicy,
+    EffectiveTmpfs,
+    PolicyRef,
+    effective_policy,
+    tmpfs_winners,
+)
 
 GI = 2**30
 NODE_MEMORY = 16 * GI
@@ -56,19 +62,84 @@ def test_non_matching_selector_is_excluded() -> None:
     assert [item.path for item in effective.tmpfs] == ["/c", "/b"]
 
 
-def test_highest_priority_wins_per_item() -> None:
+def test_tmpfs_items_are_all_kept_in_merge_order() -> None:
+    # Merged per mount at apply time (tmpfs_winners): a path string says nothing of
+    # which mount it shares with a glob, so no item is dropped here.
     low = policy("aaa-low", priority=1, tmpfs=[tmpfs("/dev/shm", "1Gi"), tmpfs("/run", "64Mi")])
     high = policy("zzz-high", generation=7, priority=5, tmpfs=[tmpfs("/dev/shm", "2Gi")])
     effective = effective_policy([low, high], WORKER, NODE_MEMORY)
     assert effective.policies == (PolicyRef("zzz-high", 7), PolicyRef("aaa-low", 1))
-    shm, run = effective.tmpfs
-    assert (shm.path, shm.size_bytes, shm.policy, shm.generation) == (
+    shm_high, shm_low, run = effective.tmpfs
+    assert (shm_high.path, shm_high.size_bytes, shm_high.policy, shm_high.generation) == (
         "/dev/shm",
         2 * GI,
         "zzz-high",
         7,
     )
+    assert (shm_high.priority, shm_low.priority) == (5, 1)
+    assert (shm_low.path, shm_low.size_bytes, shm_low.policy) == ("/dev/shm", GI, "aaa-low")
     assert (run.path, run.size_bytes, run.policy) == ("/run", 64 * 2**20, "aaa-low")
+    assert tmpfs_winners((item, [item.path]) for item in effective.tmpfs) == {
+        "/dev/shm": shm_high,
+        "/run": run,
+    }
+
+
+def covering(
+    effective: EffectivePolicy, mounts: dict[str, list[str]]
+) -> list[tuple[EffectiveTmpfs, list[str]]]:
+    """Each item with the mounts its path resolves to (as apply's find_targets would)."""
+    return [(item, mounts[item.path]) for item in effective.tmpfs]
+
+
+def test_tmpfs_merge_per_mount_higher_priority_wins_over_a_glob() -> None:
+    a = policy("a", priority=100, tmpfs=[tmpfs("/m/a", "16Mi")])
+    b = policy("b", priority=0, tmpfs=[tmpfs("/m/*", "4Mi")])
+    effective = effective_policy([b, a], WORKER, NODE_MEMORY)
+    exact, glob = effective.tmpfs
+    winners = tmpfs_winners(covering(effective, {"/m/a": ["/m/a"], "/m/*": ["/m/a", "/m/b"]}))
+    assert winners == {"/m/a": exact, "/m/b": glob}
+    assert (exact.policy, exact.size_bytes) == ("a", 16 * 2**20)
+
+
+def test_tmpfs_merge_per_mount_priority_beats_specificity() -> None:
+    # The documented rule is priority, not the more specific path.
+    a = policy("a", priority=0, tmpfs=[tmpfs("/m/a", "16Mi")])
+    b = policy("b", priority=1, tmpfs=[tmpfs("/m/*", "4Mi")])
+    effective = effective_policy([a, b], WORKER, NODE_MEMORY)
+    glob, exact = effective.tmpfs
+    winners = tmpfs_winners(covering(effective, {"/m/a": ["/m/a"], "/m/*": ["/m/a", "/m/b"]}))
+    assert winners == {"/m/a": glob, "/m/b": glob}
+    assert exact.policy == "a"
+
+
+def test_tmpfs_merge_per_mount_ties_go_to_the_first_name_then_the_earlier_item() -> None:
+    zeta = policy("zeta", tmpfs=[tmpfs("/m/a", "1Mi")])
+    alpha = policy("alpha", tmpfs=[tmpfs("/m/*", "2Mi"), tmpfs("/m/a", "3Mi")])
+    effective = effective_policy([zeta, alpha], WORKER, NODE_MEMORY)
+    assert [(i.policy, i.path) for i in effective.tmpfs] == [
+        ("alpha", "/m/*"),
+        ("alpha", "/m/a"),
+        ("zeta", "/m/a"),
+    ]
+    glob = effective.tmpfs[0]
+    winners = tmpfs_winners(covering(effective, {"/m/a": ["/m/a"], "/m/*": ["/m/a", "/m/b"]}))
+    assert winners == {"/m/a": glob, "/m/b": glob}
+
+
+def test_tmpfs_merge_within_one_policy_the_earlier_item_wins() -> None:
+    only = policy("p", tmpfs=[tmpfs("/m/a", "8Mi"), tmpfs("/m/*", "4Mi")])
+    exact, glob = effective_policy([only], WORKER, NODE_MEMORY).tmpfs
+    assert tmpfs_winners([(exact, ["/m/a"]), (glob, ["/m/a", "/m/b"])]) == {
+        "/m/a": exact,
+        "/m/b": glob,
+    }
+
+
+def test_tmpfs_merge_an_item_covering_nothing_wins_nothing() -> None:
+    only = policy("p", tmpfs=[tmpfs("/m/*", "8Mi"), tmpfs("/n/*", "4Mi")])
+    first, second = effective_policy([only], WORKER, NODE_MEMORY).tmpfs
+    assert tmpfs_winners([(first, []), (second, ["/n/x"])]) == {"/n/x": second}
 
 
 def test_priority_ties_go_to_the_alphabetically_first_name() -> None:
@@ -146,7 +217,7 @@ def test_input_order_does_not_matter() -> None:
     ]
     forward = effective_policy(policies, WORKER, NODE_MEMORY)
     assert forward == effective_policy(policies[::-1], WORKER, NODE_MEMORY)
-    assert [item.policy for item in forward.tmpfs] == ["c", "a"]
+    assert [item.policy for item in forward.tmpfs] == ["c", "a", "b"]
 
 
 def test_node_memory_must_be_positive() -> None:

@@ -68,7 +68,7 @@ def test_wrong_kind_and_version_are_named() -> None:
 
 
 def test_single_document_errors_are_bare_field_paths() -> None:
-    text = manifest("p", "{cleanup: [{name: c, paths: [/x], schedule: '* * *', olderThan: 1h}]}")
+    text = manifest("p", "{cleanup: [{name: c, paths: [/x/y], schedule: '* * *', olderThan: 1h}]}")
     assert errors_of(text) == [
         "spec.cleanup[0].schedule: invalid schedule '* * *': expected 5 fields "
         "(minute hour day-of-month month day-of-week), found 3"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,14 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodemem.api.manifest import PolicyError, load_policies, policy_to_manifest, validate_policy
+from nodemem.agent.state_dir import NODE_LABELS_FILE, POLICIES_FILE, StateDir
+from nodemem.api.manifest import (
+    PolicyError,
+    load_policies,
+    load_policy_bytes,
+    policy_to_manifest,
+    validate_policy,
+)
 
 Manifest = dict[str, Any]
 Draw = Callable[..., Any]
@@ -28,6 +36,11 @@ dns_labels = st.from_regex(r"[a-z]([-a-z0-9]{0,10}[a-z0-9])?", fullmatch=True)
 dns_subdomains = st.lists(dns_labels, min_size=1, max_size=3).map(".".join)
 path_segments = st.from_regex(r"[a-z0-9_*-][a-z0-9_.*-]{0,7}", fullmatch=True)
 absolute_paths = st.lists(path_segments, min_size=1, max_size=4).map(lambda s: "/" + "/".join(s))
+# A cleanup path's first directory is literal and something follows it (its base is never /).
+cleanup_paths = st.tuples(
+    st.from_regex(r"[a-z0-9_-][a-z0-9_.-]{0,7}", fullmatch=True),
+    st.lists(path_segments, min_size=1, max_size=3),
+).map(lambda t: "/" + "/".join([t[0], *t[1]]))
 quantities = st.one_of(
     st.integers(min_value=1, max_value=2**40),
     st.builds(
@@ -96,7 +109,7 @@ def cleanup_rules(draw: Draw) -> dict[str, Any]:
         st.fixed_dictionaries(
             {
                 "name": dns_labels,
-                "paths": st.lists(absolute_paths, min_size=1, max_size=3),
+                "paths": st.lists(cleanup_paths, min_size=1, max_size=3),
                 "schedule": cron_schedules,
             },
             optional={
@@ -588,3 +601,56 @@ def test_any_text_gives_policies_or_policy_error(text: str) -> None:
         assert all(
             message.startswith(("document ", "spec", "metadata")) for message in error.messages
         )
+
+
+# --- random bytes ----------------------------------------------------------------------
+
+_VALID = yaml.safe_dump(
+    {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryPolicy",
+        "metadata": {"name": "p"},
+        "spec": {"tmpfs": [{"path": "/dev/shm", "size": "1Gi"}]},
+    }
+).encode()
+
+
+def _spliced(data: bytes, at: int, junk: bytes) -> bytes:
+    at = at % (len(data) + 1)
+    return data[:at] + junk + data[at:]
+
+
+random_files = st.one_of(
+    st.binary(max_size=512),
+    st.builds(
+        _spliced, st.just(_VALID), st.integers(min_value=0), st.binary(min_size=1, max_size=8)
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(random_files)
+def test_random_bytes_give_the_policy_loader_a_clear_error_or_policies(data: bytes) -> None:
+    try:
+        policies = load_policy_bytes(data)
+    except PolicyError as exc:
+        assert str(exc).strip()
+    else:
+        assert all(p.name for p in policies)
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_files, random_files)
+def test_random_bytes_in_the_state_dir_never_stop_the_agent(policies: bytes, labels: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        state = StateDir(tmp)
+        (state.path / POLICIES_FILE).write_bytes(policies)
+        (state.path / NODE_LABELS_FILE).write_bytes(labels)
+        loaded = state.load_policies()
+        assert loaded is None or all(p.name for p in loaded)
+        found = state.load_node_labels()
+        assert found is None or all(isinstance(v, str) for v in found.values())
+        # whatever was unusable is set aside, so the next start is clean
+        left = {p.name for p in state.path.iterdir()}
+        assert (POLICIES_FILE in left) == (loaded is not None)
+        assert (NODE_LABELS_FILE in left) == (found is not None)

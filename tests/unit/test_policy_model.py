@@ -142,6 +142,20 @@ def test_tmpfs_fields() -> None:
     assert shm.size.bytes == 2**20
 
 
+def test_lists_are_capped_like_the_crd_caps_them() -> None:
+    items = [{"path": f"/m/{i}", "size": 1} for i in range(65)]
+    (message,) = errors_of(policy_with(tmpfs=items))
+    assert message.startswith("spec.tmpfs: List should have at most 64 items")
+    validate_policy(policy_with(tmpfs=items[:64]))
+    globs = [f"/m/{i}/*" for i in range(65)]
+    assert errors_of(policy_with(cleanup=[cleanup(paths=globs)]))[0].startswith(
+        "spec.cleanup[0].paths: List should have at most 64 items"
+    )
+    assert errors_of(policy_with(cleanup=[cleanup(exclude=globs)]))[0].startswith(
+        "spec.cleanup[0].exclude: List should have at most 64 items"
+    )
+
+
 def test_tmpfs_paths_are_unique() -> None:
     items = [
         {"path": "/dev/shm", "size": 1},

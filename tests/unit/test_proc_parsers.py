@@ -6,7 +6,9 @@ error type naming the problem; it never guesses a number.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -39,6 +41,14 @@ def test_meminfo_gives_exact_bytes_or_names_what_is_missing(values: dict[str, in
     else:
         with pytest.raises(MeminfoError, match="lacks"):
             parse_meminfo(text)
+
+
+@given(st.binary(max_size=200).map(lambda raw: raw.decode(errors="replace")), st.text())
+def test_any_meminfo_bytes_parse_or_raise_meminfo_error(garbage: str, text: str) -> None:
+    real = Path("/proc/meminfo").read_text()
+    for candidate in (garbage, text, real[: len(garbage)], real + text, "MemTotal: \u00b2 kB"):
+        with contextlib.suppress(MeminfoError):  # anything else escaping fails the test
+            parse_meminfo(candidate)
 
 
 def test_meminfo_reads_the_real_file() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,7 @@ MEMORY_KEYS = {
     "processRssBytes",
 }
 ITEM_KEYS = {"kind", "name", "bytes", "pids", "pod", "note"}
+EXAMPLE = Path(__file__).parents[2] / "examples" / "dev-shm-limit.yaml"
 
 
 def report_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:  # type: ignore[type-arg]
@@ -33,7 +36,15 @@ def report_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:  # type
 
 def test_json_has_the_documented_shape_and_adds_up(capsys: pytest.CaptureFixture[str]) -> None:
     report = report_json(capsys)
-    assert set(report) == {"memory", "shmem", "oom", "unreadableProcesses", "unreadable"}
+    assert set(report) == {
+        "warnings",
+        "memory",
+        "shmem",
+        "oom",
+        "unreadableProcesses",
+        "unreadable",
+    }
+    assert report["warnings"] == []  # this host's /proc is sane
     oom = report["oom"]
     assert oom["scope"] == "node"
     assert isinstance(oom["badnessTruncationRisk"], bool)
@@ -96,3 +107,77 @@ def test_refusals_are_counted_not_fatal() -> None:
         "Permission denied",
         "Operation not permitted",
     }
+
+
+def fake_proc(tmp_path: Path, meminfo: str | bytes) -> Path:
+    """A --proc-root with nothing but this meminfo (no processes, no mounts)."""
+    root = tmp_path / "proc"
+    root.mkdir()
+    data = meminfo.encode() if isinstance(meminfo, str) else meminfo
+    (root / "meminfo").write_bytes(data)
+    return root
+
+
+def with_field(key: str, value: str) -> str:
+    real = Path("/proc/meminfo").read_text()
+    return re.sub(rf"^{key}:.*$", f"{key}: {value}", real, count=1, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("meminfo", "warning"),
+    [
+        (with_field("Shmem", "99999999999 kB"), "Shmem (102399999998976 bytes) exceeds MemTotal"),
+        (with_field("MemTotal", "0 kB"), "MemTotal is 0"),
+        (with_field("Slab", f"{10**24} kB"), "more than any machine has"),
+    ],
+    ids=["shmem-above-total", "no-memory", "10^27-bytes"],
+)
+def test_impossible_numbers_are_shown_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], meminfo: str, warning: str
+) -> None:
+    proc = fake_proc(tmp_path, meminfo)
+    assert main(["report", "--proc-root", str(proc), "--json"]) == 0
+    captured = capsys.readouterr()
+    (found,) = json.loads(captured.out)["warnings"]
+    assert warning in found
+    assert warning in captured.err
+    assert main(["report", "--proc-root", str(proc)]) == 0
+    assert f"WARNING: {found}" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("meminfo", "message"),
+    [
+        ("MemTotal: 2465 kB\nMemFree:", "meminfo line 2: malformed: 'MemFree:'"),
+        ("MemTotal:       24683568 kB\n", "meminfo lacks MemAvailable"),
+        ("\x00\xff garbage\n", "meminfo line 1: malformed"),
+        ("MemTotal: lots kB\n", "meminfo line 1: MemTotal is not a number"),
+        (b"MemTotal: \xff\xfe kB\n", "meminfo line 1: MemTotal is not a number"),
+    ],
+    ids=["truncated-line", "truncated-file", "garbage", "not-a-number", "not-utf8"],
+)
+def test_a_meminfo_that_cannot_be_trusted_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], meminfo: str | bytes, message: str
+) -> None:
+    proc = fake_proc(tmp_path, meminfo)
+    for command in (["report"], ["apply", "-f", str(EXAMPLE), "--dry-run"]):
+        assert main([*command, "--proc-root", str(proc)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"nodemem: {proc}/meminfo: {message}"), err
+
+
+def test_a_wrong_proc_root_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", "--proc-root", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nodemem: --proc-root {tmp_path / 'nope'}: cannot read"), err
+    assert "--oom-cgroup" not in err
+
+
+@pytest.mark.parametrize("top", ["-1", "0", "ten"])
+def test_top_must_be_a_positive_number(top: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["report", "--top", top])
+    assert exited.value.code == 2
+    assert "--top" in capsys.readouterr().err

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodemem.api.report import CleanupStatus, HeldOpenFile, ProcessRef, TmpfsStatus
+from nodemem.api.report import (
+    ApplyReport,
+    CleanupStatus,
+    HeldOpenFile,
+    ProcessRef,
+    TmpfsStatus,
+)
+from nodemem.tables import apply_report_text, visible
 
 
 @given(st.binary(max_size=64))
@@ -39,3 +47,66 @@ def test_lists_of_names_and_nested_reports_are_made_printable_too() -> None:
     assert status.would_remove == ["/x/a\ufffd"]
     assert status.held_open[0].path == "/x/b\ufffd"
     assert status.held_open[0].pids[0].comm == "c\ufffd"
+
+
+HIDDEN = st.characters(categories=["Cc", "Cf", "Zl", "Zp"])
+HOSTILE_NAMES = st.text(st.one_of(HIDDEN, st.characters()), max_size=30)
+
+
+@given(HOSTILE_NAMES)
+def test_visible_text_hides_nothing_and_keeps_printable_text(text: str) -> None:
+    shown = visible(text)
+    assert not any(unicodedata.category(ch) in {"Cc", "Cf", "Zl", "Zp"} for ch in shown)
+    if text.isprintable():
+        assert shown == text
+
+
+def _apply_report(path: str, comm: str, message: str) -> ApplyReport:
+    return ApplyReport.model_validate(
+        {
+            "dryRun": True,
+            "policies": [{"name": "p", "generation": 1}],
+            "tmpfs": [
+                {
+                    "path": path,
+                    "pattern": "/x/*",
+                    "policy": "p",
+                    "state": "Refused",
+                    "message": message,
+                }
+            ],
+            "cleanup": [
+                {
+                    "name": "c",
+                    "policy": "p",
+                    "dryRun": True,
+                    "wouldRemove": [path],
+                    "heldOpen": [{"path": path, "bytes": 1, "pids": [{"pid": 2, "comm": comm}]}],
+                    "errors": [message],
+                }
+            ],
+            "oom": {
+                "rules": [{"name": "r", "policy": "p", "matched": 1, "failed": 1}],
+                "matched": 1,
+                "failed": 1,
+                "failures": [
+                    {"rule": "r", "pid": 7, "comm": comm, "state": "Failed", "message": message}
+                ],
+            },
+        }
+    )
+
+
+@given(HOSTILE_NAMES, HOSTILE_NAMES, HOSTILE_NAMES)
+def test_a_hostile_name_cannot_add_a_line_to_the_text_report(
+    path: str, comm: str, message: str
+) -> None:
+    plain = apply_report_text(_apply_report("/x/a", "c", "m"))
+    hostile = apply_report_text(_apply_report(path, comm, message))
+    assert len(hostile.splitlines()) == len(plain.splitlines())
+
+
+def test_a_forged_line_shows_as_one_escaped_cell() -> None:
+    text = apply_report_text(_apply_report("/x/a\n/x/b  Applied", "c\x1b[2J", "m\u202e"))
+    assert "/x/a\\n/x/b  Applied" in text
+    assert "c\\x1b[2J" in text and "m\\u202e" in text

@@ -76,6 +76,14 @@ def test_all_applied() -> None:
     assert conditions(status)["Degraded"] == ("False", "NoFailures")
 
 
+def test_an_overridden_tmpfs_item_is_not_a_failure() -> None:
+    # Another item covering the mount won it: the node enforces the policy set as meant.
+    reports = {name: report(2, state="Overridden") for name in NODES}
+    status = rollup(policy(), NODES, reports, now=T0)
+    assert (status.nodes.applied, status.nodes.failed, status.failures) == (4, 0, [])
+    assert conditions(status)["Degraded"] == ("False", "NoFailures")
+
+
 def test_invalid_policy_is_not_accepted_and_names_the_field() -> None:
     broken = policy(oom=[{"name": "x", "match": {"comm": "(("}, "oomScoreAdj": 5}])
     status = rollup(broken, NODES, {}, now=T0)

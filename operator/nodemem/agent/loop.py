@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from nodemem.api.policy import NodeMemoryPolicy
 from nodemem.api.report import CleanupStatus
+from nodemem.host.cleanup import CleanupResult
 from nodemem.host.meminfo import read_meminfo
 from nodemem.host.paths import HostPaths
 from nodemem.host.proc_connector import (
@@ -27,7 +28,7 @@ from nodemem.host.proc_connector import (
 )
 from nodemem.host.procfs import ProcessGone, ProcessUnreadable, list_pids, start_time
 from nodemem.host.shmem import scan_node
-from nodemem.policy.apply import ApplyResult, apply_cleanups, apply_tmpfs
+from nodemem.policy.apply import ApplyResult, CleanupOutcome, apply_cleanups, apply_tmpfs
 from nodemem.policy.effective import EffectivePolicy, effective_policy
 from nodemem.policy.oom import OomOutcome, OomResult, apply_to_process
 from nodemem.policy.pods import PodDirectory
@@ -212,10 +213,9 @@ class NodeAgent:
         if effective is None:
             return
         result = ApplyResult()
-        for item in effective.tmpfs:
-            result.tmpfs.extend(
-                apply_tmpfs(self.paths, item, dry_run=self.settings.dry_run, pods=self.pods)
-            )
+        result.tmpfs = apply_tmpfs(
+            self.paths, effective.tmpfs, dry_run=self.settings.dry_run, pods=self.pods
+        )
         full = self.state.resyncs % max(1, self.settings.full_oom_rescan_every) == 0
         result.oom = self._apply_oom_everywhere(full=full)
         self.state.last_apply = result
@@ -260,7 +260,12 @@ class NodeAgent:
                 continue
             try:
                 outcome = apply_to_process(
-                    self.paths, pid, effective.oom, self.pods, dry_run=self.settings.dry_run
+                    self.paths,
+                    pid,
+                    effective.oom,
+                    self.pods,
+                    dry_run=self.settings.dry_run,
+                    started=started,
                 )
             except ProcessUnreadable:
                 result.unreadable += 1
@@ -282,8 +287,23 @@ class NodeAgent:
         if not due:
             return
         items = [item for item in effective.cleanup if item.name in due]
-        held_open = scan_node(self.paths).open_tmpfs_files
-        outcomes = apply_cleanups(self.paths, items, held_open, dry_run=self.settings.dry_run)
+        try:
+            held_open = scan_node(self.paths).open_tmpfs_files
+        except Exception as exc:  # without it held files would be removed: run none this time
+            log.exception("cleanup: scanning for open files failed")
+            outcomes = [
+                CleanupOutcome(
+                    item.policy,
+                    CleanupResult.failed(
+                        item.name,
+                        dry_run=self.settings.dry_run or item.dry_run,
+                        message=f"scanning for open files failed: {exc}",
+                    ),
+                )
+                for item in items
+            ]
+        else:  # each rule's own failure is its state (apply_cleanups), never the loop's end
+            outcomes = apply_cleanups(self.paths, items, held_open, dry_run=self.settings.dry_run)
         for outcome in outcomes:
             self.clock.ran(outcome.result.name, now)
             status = cleanup_status(outcome)
@@ -291,13 +311,20 @@ class NodeAgent:
             status.next_run = self.clock.due[outcome.result.name].strftime("%Y-%m-%dT%H:%M:%SZ")
             self.state.cleanups[outcome.result.name] = status
             log.info(
-                "cleanup %s: %d files, %d bytes removed, %d held open, %d errors",
+                "cleanup %s: %d files, %d bytes %s, %d held open, %d errors",
                 outcome.result.name,
                 outcome.result.files_removed,
                 outcome.result.bytes_removed,
+                "would be removed (dry run)" if outcome.result.dry_run else "removed",
                 len(outcome.result.held_open),
                 len(outcome.result.errors),
             )
+            if status.state != "Completed":
+                problems = [status.message] if status.message else []
+                problems += [f"{p.pattern}: {p.message}" for p in status.patterns if p.message]
+                log.warning(
+                    "cleanup rule %s %s: %s", status.name, status.state, "; ".join(problems)
+                )
         if self.state.last_apply is not None:
             self.state.last_apply.cleanup = outcomes
         self._cycle_done()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,16 +24,12 @@ from nodemem.agent.cluster import (
     run_policy_feed,
 )
 from nodemem.agent.loop import AgentSettings, NodeAgent
-from nodemem.agent.metrics import AgentMetrics, serve
+from nodemem.agent.metrics import AgentMetrics, CycleMetrics, serve
 from nodemem.agent.state_dir import StateDir
 from nodemem.api.status import NodeMemoryReportStatus
-from nodemem.host.oom_predict import predict_victims
 from nodemem.host.paths import HostPaths
-from nodemem.host.shmem import ShmemTracker
 from nodemem.kube import kopf_login
-from nodemem.policy.apply import ApplyResult
-from nodemem.policy.effective import EffectivePolicy
-from nodemem.policy.report import apply_report, host_report, node_report_status, oom_preview
+from nodemem.policy.report import node_report_status
 
 log = logging.getLogger("nodemem.agent")
 
@@ -60,24 +54,10 @@ class Reporter:
 
     def __init__(self, writer: ReportWriter, metrics: AgentMetrics, paths: HostPaths) -> None:
         self.writer = writer
-        self.metrics = metrics
-        self.paths = paths
-        self.tracker = ShmemTracker(paths)  # re-reads only changed processes, all every 10
-        self._exec_counts: dict[str, Counter[str]] = {}
-        self._cleanup_runs: dict[str, str | None] = {}
+        self.observer = CycleMetrics(metrics, paths)
 
     def __call__(self, agent: NodeAgent) -> None:
-        effective = agent.state.effective or EffectivePolicy((), (), (), (), None)
-        applied = agent.state.last_apply or ApplyResult()
-        started = time.perf_counter()
-        scan = self.tracker.scan()
-        prediction = predict_victims(self.paths, statuses=scan.processes)
-        preview = oom_preview(self.paths, prediction, agent.pods)
-        host = host_report(scan, top=10, oom=preview)
-        self.metrics.observe_host(host, time.perf_counter() - started)
-        self.metrics.observe_apply(apply_report(effective, applied, dry_run=agent.settings.dry_run))
-        self._observe_exec(agent)
-        self._observe_cleanups(agent)
+        effective, applied, host = self.observer.observe(agent)
         status = node_report_status(
             effective,
             applied,
@@ -89,33 +69,22 @@ class Reporter:
         if self.writer.write(status):
             self._post_events(status, before)
 
-    def _observe_exec(self, agent: NodeAgent) -> None:
-        for rule, states in agent.state.exec_oom.per_rule.items():
-            seen = self._exec_counts.setdefault(rule, Counter())
-            for state, count in states.items():
-                new = count - seen[state]
-                if new and state in ("Adjusted", "Forbidden", "Failed"):  # not Unchanged
-                    self.metrics.observe_exec_adjustments(rule, new, failed=state != "Adjusted")
-            self._exec_counts[rule] = Counter(states)
-
-    def _observe_cleanups(self, agent: NodeAgent) -> None:
-        for name, status in agent.state.cleanups.items():
-            if self._cleanup_runs.get(name) != status.last_run:
-                self._cleanup_runs[name] = status.last_run
-                self.metrics.observe_cleanup(
-                    name, status.bytes_removed, status.held_open_files, status.dry_run
-                )
-
     def _post_events(self, status: NodeMemoryReportStatus, before: Mapping[str, str]) -> None:
         for item in status.tmpfs:
             if item.state in ("Refused", "Failed"):
                 self.writer.event(f"Tmpfs{item.state}", f"{item.path}: {item.message}")
         if status.oom is not None:
             for failure in status.oom.failures:
+                if failure.state == "Vanished":
+                    continue  # the process was gone: nothing for anyone to do
                 self.writer.event(
                     f"OomScoreAdj{failure.state}", f"rule {failure.rule}: {failure.message}"
                 )
         for cleanup in status.cleanup:
+            if cleanup.state != "Completed":  # a base off tmpfs, a typo, a crossed mount
+                self.writer.event(
+                    f"Cleanup{cleanup.state}", f"rule {cleanup.name}: {cleanup.message}"
+                )
             for error in cleanup.errors[:3]:
                 self.writer.event("CleanupFailed", f"rule {cleanup.name}: {error}")
         leak = next((c for c in status.conditions if c.type == "ShmemLeakSuspected"), None)

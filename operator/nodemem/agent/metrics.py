@@ -15,14 +15,34 @@ Series (all gauges reflect the last cycle; counters accumulate since start):
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import selectors
+import socket
 import threading
+import time
+from collections import Counter as Tally
+from collections import deque
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from nodemem.api.report import ApplyReport, HostReport
+from nodemem.host.oom_predict import predict_victims
+from nodemem.host.paths import HostPaths
+from nodemem.host.shmem import ShmemTracker
+from nodemem.policy.apply import ApplyResult
+from nodemem.policy.effective import EffectivePolicy
+from nodemem.policy.report import apply_report, host_report, oom_preview
+
+if TYPE_CHECKING:
+    from nodemem.agent.loop import NodeAgent
+
+log = logging.getLogger("nodemem.agent.metrics")
 
 
 class AgentMetrics:
@@ -84,33 +104,335 @@ class AgentMetrics:
         (self.oom_failures if failed else self.oom_adjusted).labels(rule=rule).inc(count)
 
 
-def serve(
-    metrics: AgentMetrics, port: int, ready: Callable[[], bool], host: str = "0.0.0.0"
-) -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz (the process answers) and /readyz (`ready()`)."""
+class CycleMetrics:
+    """After every cycle of the loop: attribute Shmem again and update the metrics.
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                self._answer(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif self.path == "/healthz":
-                self._answer(200, b"ok\n")
-            elif self.path == "/readyz":
-                ok = ready()
-                self._answer(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+    The standalone agent's `on_cycle`; the cluster agent's Reporter also writes the
+    node's report from what `observe` returns.
+    """
+
+    def __init__(self, metrics: AgentMetrics, paths: HostPaths) -> None:
+        self.metrics = metrics
+        self.paths = paths
+        self.tracker = ShmemTracker(paths)  # re-reads only changed processes, all every 10
+        self._exec_counts: dict[str, Tally[str]] = {}
+        self._cleanup_runs: dict[str, str | None] = {}
+
+    def __call__(self, agent: NodeAgent) -> None:
+        self.observe(agent)
+
+    def observe(self, agent: NodeAgent) -> tuple[EffectivePolicy, ApplyResult, HostReport]:
+        effective = agent.state.effective or EffectivePolicy((), (), (), (), None)
+        applied = agent.state.last_apply or ApplyResult()
+        started = time.perf_counter()
+        scan = self.tracker.scan()
+        prediction = predict_victims(self.paths, statuses=scan.processes)
+        preview = oom_preview(self.paths, prediction, agent.pods)
+        host = host_report(scan, top=10, oom=preview)
+        self.metrics.observe_host(host, time.perf_counter() - started)
+        self.metrics.observe_apply(apply_report(effective, applied, dry_run=agent.settings.dry_run))
+        self._observe_exec(agent)
+        self._observe_cleanups(agent)
+        return effective, applied, host
+
+    def _observe_exec(self, agent: NodeAgent) -> None:
+        for rule, states in agent.state.exec_oom.per_rule.items():
+            seen = self._exec_counts.setdefault(rule, Tally())
+            for state, count in states.items():
+                new = count - seen[state]
+                if new and state in ("Adjusted", "Forbidden", "Failed"):  # not Unchanged
+                    self.metrics.observe_exec_adjustments(rule, new, failed=state != "Adjusted")
+            self._exec_counts[rule] = Tally(states)
+
+    def _observe_cleanups(self, agent: NodeAgent) -> None:
+        for name, status in agent.state.cleanups.items():
+            if self._cleanup_runs.get(name) != status.last_run:
+                self._cleanup_runs[name] = status.last_run
+                self.metrics.observe_cleanup(
+                    name, status.bytes_removed, status.held_open_files, status.dry_run
+                )
+
+
+# The port is reachable by anyone who can reach the node: every client gets a bounded
+# share. Beyond MAX_CONNECTIONS a new connection is closed at once; each connection has
+# REQUEST_SECONDS from its accept for the request, the answer and the close.
+MAX_CONNECTIONS = 64
+REQUEST_SECONDS = 5.0
+MAX_REQUEST_BYTES = 8192
+_ACCEPTS_PER_WAKEUP = 256  # a connect storm must not keep the loop from its deadlines
+_FULL = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _Connection:
+    __slots__ = ("answered", "closed", "deadline", "inbox", "outbox", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.inbox = bytearray()
+        self.outbox = memoryview(b"")
+        self.answered = False
+        self.closed = False
+
+
+class MetricsServer:
+    """/metrics, /healthz (the process answers) and /readyz (`ready()`) on one port.
+
+    One thread, one selector, no thread per connection: a flood of clients costs a
+    bounded number of sockets and never the enforcement loop's time. Every response
+    closes its connection. A client that breaks off is logged at debug level only.
+    """
+
+    def __init__(
+        self,
+        metrics: AgentMetrics,
+        ready: Callable[[], bool],
+        host: str,
+        port: int,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_seconds: float = REQUEST_SECONDS,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+    ) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self.max_connections = max_connections
+        self.request_seconds = request_seconds
+        self.max_request_bytes = max_request_bytes
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=128)
+        self._listener.setblocking(False)
+        self.server_address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._connections: deque[_Connection] = deque()  # accept order is deadline order
+        self._open = 0
+        self._accept_paused_until: float | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def shutdown(self) -> None:
+        """Stop serving and close every connection; returns within a second."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):  # already woken, or already closed
+            self._wake_w.send(b"x")
+        self._thread.join(timeout=1.0)
+
+    def server_close(self) -> None:
+        self.shutdown()
+        self._wake_w.close()
+
+    # -- the event loop (its own thread) ------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                timeout = self._housekeeping(time.monotonic())
+                for key, events in self._selector.select(timeout):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        self._drain_wakeups()
+                    else:
+                        self._service(key.data, events)
+        except Exception:  # a bug here: /metrics goes, enforcement must not
+            log.exception("metrics server stopped")
+        finally:
+            for connection in self._connections:
+                self._close(connection)
+            self._selector.close()
+            self._listener.close()
+            self._wake_r.close()
+
+    def _housekeeping(self, now: float) -> float | None:
+        """Close connections past their deadline; the seconds until the next deadline."""
+        while self._connections and (
+            self._connections[0].closed or self._connections[0].deadline <= now
+        ):
+            connection = self._connections.popleft()
+            if not connection.closed:
+                log.debug("metrics client timed out")
+                self._close(connection)
+        waits: list[float] = []
+        if self._connections:
+            waits.append(self._connections[0].deadline - now)
+        if self._accept_paused_until is not None:
+            if now >= self._accept_paused_until:
+                self._accept_paused_until = None
+                self._selector.register(self._listener, selectors.EVENT_READ)
             else:
-                self._answer(404, b"not found\n")
+                waits.append(self._accept_paused_until - now)
+        return max(0.0, min(waits)) if waits else None
 
-        def _answer(self, code: int, body: bytes, content_type: str = "text/plain") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:
+            pass
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # probes every few seconds would flood the log
+    def _accept(self) -> None:
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the listener would stay readable and spin.
+                    log.warning("metrics: cannot accept (%s): pausing for 0.5 s", exc.strerror)
+                    self._selector.unregister(self._listener)
+                    self._accept_paused_until = time.monotonic() + 0.5
+                    return
+                continue  # that client is gone already (ECONNABORTED and the like)
+            if self._open >= self.max_connections:
+                self._refuse(sock)
+                continue
+            sock.setblocking(False)
+            connection = _Connection(sock, time.monotonic() + self.request_seconds)
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+            self._connections.append(connection)
+            self._open += 1
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    def _refuse(self, sock: socket.socket) -> None:
+        try:
+            sock.setblocking(False)
+            sock.send(_FULL)  # best effort: a scraper learns why
+            # Unread request bytes would turn the close into a reset that loses the 503.
+            sock.recv(self.max_request_bytes)
+        except OSError:
+            pass
+        sock.close()
+
+    def _service(self, connection: _Connection, events: int) -> None:
+        try:
+            if events & selectors.EVENT_READ:
+                self._read(connection)
+            if not connection.closed and events & selectors.EVENT_WRITE:
+                self._write(connection)
+        except OSError as exc:  # ECONNRESET, EPIPE, ...: the client's business
+            log.debug("metrics client: %s", exc)
+            self._close(connection)
+
+    def _read(self, connection: _Connection) -> None:
+        data = connection.sock.recv(4096)
+        if not data:  # the client closed: before its request ended, or after our answer
+            self._close(connection)
+            return
+        if connection.answered:
+            return  # discarded while the answer drains
+        connection.inbox += data
+        inbox = connection.inbox
+        end = inbox.find(b"\r\n\r\n")
+        if end < 0:
+            end = inbox.find(b"\n\n")
+        if end < 0 or end > self.max_request_bytes:
+            if len(inbox) > self.max_request_bytes:
+                self._answer(connection, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, b"too large\n")
+            return
+        self._respond(connection, bytes(inbox[:end]))
+
+    def _respond(self, connection: _Connection, head: bytes) -> None:
+        parts = head.split(b"\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            self._answer(connection, HTTPStatus.BAD_REQUEST, b"bad request\n")
+            return
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            self._answer(connection, HTTPStatus.METHOD_NOT_ALLOWED, b"GET only\n")
+            return
+        path = target.split(b"?", 1)[0]
+        head_only = method == b"HEAD"
+        try:
+            if path == b"/metrics":
+                body = generate_latest(self.metrics.registry)
+                self._answer(connection, HTTPStatus.OK, body, CONTENT_TYPE_LATEST, head_only)
+            elif path == b"/healthz":
+                self._answer(connection, HTTPStatus.OK, b"ok\n", head_only=head_only)
+            elif path == b"/readyz":
+                ok = self.ready()
+                code = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+                body = b"ready\n" if ok else b"not ready\n"
+                self._answer(connection, code, body, head_only=head_only)
+            else:
+                self._answer(connection, HTTPStatus.NOT_FOUND, b"not found\n", head_only=head_only)
+        except OSError:
+            raise
+        except Exception:  # ours, not the client's: say so, keep serving
+            log.exception("metrics: answering %s failed", path.decode("ascii", "replace"))
+            self._answer(connection, HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n")
+
+    def _answer(
+        self,
+        connection: _Connection,
+        code: HTTPStatus,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        head_only: bool = False,
+    ) -> None:
+        head = (
+            f"HTTP/1.1 {code.value} {code.phrase}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        connection.outbox = memoryview(head if head_only else head + body)
+        connection.answered = True
+        connection.inbox.clear()
+        self._write(connection)
+
+    def _write(self, connection: _Connection) -> None:
+        sent = connection.sock.send(connection.outbox)
+        connection.outbox = connection.outbox[sent:]
+        if connection.outbox:
+            self._selector.modify(
+                connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection
+            )
+            return
+        # All sent: half-close, then wait (within the deadline) for the client's close,
+        # so that the answer is not cut by a reset from unread bytes.
+        connection.sock.shutdown(socket.SHUT_WR)
+        self._selector.modify(connection.sock, selectors.EVENT_READ, connection)
+
+    def _close(self, connection: _Connection) -> None:
+        if connection.closed:
+            return
+        connection.closed = True
+        self._open -= 1
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(connection.sock)
+        connection.sock.close()
+
+
+def serve(
+    metrics: AgentMetrics,
+    port: int,
+    ready: Callable[[], bool],
+    host: str = "0.0.0.0",
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    request_seconds: float = REQUEST_SECONDS,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> MetricsServer:
+    """Serve /metrics, /healthz and /readyz on `host:port` (port 0: any free port, see
+    `.port`) until `shutdown()`; see MetricsServer for the limits."""
+    server = MetricsServer(
+        metrics,
+        ready,
+        host,
+        port,
+        max_connections=max_connections,
+        request_seconds=request_seconds,
+        max_request_bytes=max_request_bytes,
+    )
+    log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server

@@ -24,6 +24,7 @@ VOLATILE_KEYS = frozenset(
         "unchanged",
         "adjusted",
         "planned",
+        "vanished",
         "lastRun",
         "nextRun",
         # The node's general memory figures move with every process start; they are

@@ -100,6 +100,37 @@ RelativeOrAbsoluteGlob = Annotated[
 ]
 
 
+_GLOB_CHARS = frozenset("*?[")  # as host.cleanup reads a pattern
+
+
+def _check_cleanup_base(path: str) -> str:
+    # As host.cleanup splits a pattern: its base is the leading glob-free directories.
+    parts = path[1:].split("/")
+    if path == "/" or len(parts) < 2 or not _GLOB_CHARS.isdisjoint(parts[0]):
+        raise ValueError(
+            f"{path!r}: its literal (glob-free) directory is /, the host root; name a "
+            "directory on the tmpfs, such as /dev/shm/*"
+        )
+    return path
+
+
+def _check_exclude(pattern: str) -> str:
+    if "/" in pattern and any(part in ("", ".") for part in pattern.lstrip("/").split("/")):
+        raise ValueError(f"{pattern!r} is not normalised: no '//', '/./', './' or trailing '/'")
+    return pattern
+
+
+# The same check for the API server: a literal first directory, then more.
+_CLEANUP_PATH_PATTERN = r"^/[^/*?\[]+/"
+CleanupPath = Annotated[
+    str,
+    AfterValidator(_check_absolute_glob),
+    AfterValidator(_check_cleanup_base),
+    Field(max_length=_MAX_PATH, json_schema_extra={"pattern": _CLEANUP_PATH_PATTERN}),
+]
+ExcludeGlob = Annotated[RelativeOrAbsoluteGlob, AfterValidator(_check_exclude)]
+
+
 def _check_schedule(expression: str) -> str:
     fields = expression.split()
     if expression.lstrip().startswith("@"):
@@ -257,8 +288,13 @@ class CleanupRule(BaseModel):
     model_config = _CONFIG
 
     name: DnsLabel = Field(description="Unique name of the rule within the policy.")
-    paths: list[AbsoluteGlob] = Field(
-        min_length=1, description="Absolute globs of files inside tmpfs mounts."
+    # Capped like the rule lists: each entry is a walk, and the CRD's cost must stay bounded.
+    paths: list[CleanupPath] = Field(
+        min_length=1,
+        max_length=MAX_RULES,
+        description="Absolute globs of files inside tmpfs mounts. The literal (glob-free) "
+        "directory part is the base the walk starts from: it must lie on the tmpfs and is "
+        "never / itself (/x, /* and /** are refused).",
     )
     schedule: CronSchedule = Field(
         description="When to run: a 5-field cron expression (minute hour day-of-month "
@@ -284,9 +320,15 @@ class CleanupRule(BaseModel):
         description="Stop removing once use is at or below this percent of the mount's "
         "size; needs whenUsageAbove and must be lower.",
     )
-    exclude: list[RelativeOrAbsoluteGlob] = Field(
+    exclude: list[ExcludeGlob] = Field(
         default_factory=list,
-        description="Globs never removed: absolute, or relative to the matched path.",
+        max_length=MAX_RULES,
+        description="Globs never removed; an excluded directory is not entered. Without '/': "
+        "an entry's name, at any depth (*.keep). With '/': a full path, absolute, or "
+        "relative to the literal (glob-free) directory of each of paths: sub/keep.log with "
+        "/m/logs/** excludes /m/logs/sub/keep.log. Here * also crosses '/'. Symlinks in the "
+        "literal directories are resolved on the host first, so a directory may be named "
+        "through a symlink or by its real path.",
     )
     remove_empty_dirs: bool = Field(
         default=False, description="Also remove directories left empty by the cleanup."
@@ -414,14 +456,15 @@ class NodeMemoryPolicySpec(BaseModel):
         default=0,
         ge=-(2**31),
         le=2**31 - 1,
-        description="When several policies select a node they merge item by item; for "
-        "each item the highest priority wins, ties to the alphabetically first policy.",
+        description="When several policies select a node they merge item by item (tmpfs "
+        "items per mount their paths resolve to); for each item the highest priority wins, "
+        "ties to the alphabetically first policy, then to the earlier item in one policy.",
     )
     dry_run: bool = Field(default=False, description="Plan and report, change nothing.")
-    tmpfs: list[TmpfsLimit] = Field(
-        default_factory=list, description="tmpfs size limits, unique by path."
-    )
     # Bounded so that the CRD's CEL rules over these lists fit the API server's cost limit.
+    tmpfs: list[TmpfsLimit] = Field(
+        default_factory=list, max_length=MAX_RULES, description="tmpfs size limits, unique by path."
+    )
     cleanup: list[CleanupRule] = Field(
         default_factory=list,
         max_length=MAX_RULES,

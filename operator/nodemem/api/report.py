@@ -130,6 +130,11 @@ class OomPreview(ReportModel):
 
 
 class HostReport(ReportModel):
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why some numbers cannot be true (e.g. Shmem above MemTotal): a corrupt "
+        "or foreign /proc. Empty when the numbers are plausible.",
+    )
     memory: MemorySummary
     shmem: ShmemSummary
     oom: OomPreview | None = None
@@ -141,7 +146,9 @@ class HostReport(ReportModel):
     )
 
 
-TmpfsState = Literal["Applied", "Unchanged", "Planned", "Refused", "NotTmpfs", "NotFound", "Failed"]
+TmpfsState = Literal[
+    "Applied", "Unchanged", "Planned", "Refused", "NotTmpfs", "NotFound", "Failed", "Overridden"
+]
 
 
 class PolicyRef(ReportModel):
@@ -155,7 +162,10 @@ class TmpfsStatus(ReportModel):
     path: str = Field(description="Mount point, as its mount namespace sees it.")
     pattern: str = Field(description="The policy item's path (exact or glob) that matched.")
     policy: str
-    state: TmpfsState
+    state: TmpfsState = Field(
+        description="Overridden: another item covering this mount wins (the message names "
+        "it); informational, not a failure."
+    )
     message: str = ""
     size_bytes: int | None = Field(default=None, description="Size limit now in force.")
     used_bytes: int | None = None
@@ -170,11 +180,33 @@ class HeldOpenFile(ReportModel):
     pids: list[ProcessRef]
 
 
+CleanupState = Literal["Completed", "Incomplete", "Failed"]
+CleanupPatternState = Literal["Walked", "Skipped", "Incomplete", "Failed"]
+
+
+class CleanupPatternStatus(ReportModel):
+    """What became of one of a rule's paths."""
+
+    pattern: str
+    state: CleanupPatternState = Field(
+        description="Walked; Skipped: its literal directory does not exist, is not a directory "
+        "or is not on a tmpfs, so it can do nothing; Incomplete: directories it matches are "
+        "other mounts, not entered; Failed: its directory could not be opened safely."
+    )
+    message: str = ""
+
+
 class CleanupStatus(ReportModel):
     """What one cleanup rule did in its last run (or would do, when dry-run)."""
 
     name: str
     policy: str
+    state: CleanupState = Field(
+        default="Completed",
+        description="Completed; Incomplete: a path not Walked, or errors; Failed: the run "
+        "failed (message) or a path Failed.",
+    )
+    message: str = Field(default="", description="Why the run failed, when it did.")
     dry_run: bool = False
     last_run: str | None = Field(default=None, description="RFC 3339 time of the last run.")
     next_run: str | None = Field(default=None, description="RFC 3339 time of the next run.")
@@ -190,6 +222,9 @@ class CleanupStatus(ReportModel):
         default_factory=list, description="Dry run: the first paths it would remove."
     )
     errors: list[str] = Field(default_factory=list)
+    patterns: list[CleanupPatternStatus] = Field(
+        default_factory=list, description="Each path of the rule and what became of it."
+    )
 
 
 class OomCounts(ReportModel):
@@ -201,6 +236,11 @@ class OomCounts(ReportModel):
     forbidden: int = 0
     failed: int = 0
     planned: int = Field(default=0, description="Dry run: processes that would be adjusted.")
+    vanished: int = Field(
+        default=0,
+        description="Not written: the process exited, or its pid named another process, "
+        "between match and write. Not a failure.",
+    )
 
 
 class OomRuleStatus(OomCounts):
@@ -212,7 +252,7 @@ class OomFailure(ReportModel):
     pid: int
     comm: str
     rule: str
-    state: str = Field(description="Forbidden or Failed.")
+    state: str = Field(description="Forbidden, Failed, or Vanished (not a failure).")
     message: str
 
 
@@ -221,7 +261,7 @@ class OomStatus(OomCounts):
 
     rules: list[OomRuleStatus] = Field(default_factory=list)
     failures: list[OomFailure] = Field(
-        default_factory=list, description="The first processes that could not be adjusted."
+        default_factory=list, description="The first processes that were not adjusted."
     )
     predicted_victims: list[PredictedVictim] = Field(
         default_factory=list, description="Node report: the next OOM victims, next first."

@@ -71,12 +71,15 @@ def failures_of(policy: str, report: NodeMemoryReportStatus) -> list[str]:
         for t in report.tmpfs
         if t.policy == policy and t.state in FAILED_TMPFS_STATES
     ]
-    failures += [
-        f"cleanup {c.name}: {error}"
-        for c in report.cleanup
-        if c.policy == policy
-        for error in c.errors
+    cleanups = [c for c in report.cleanup if c.policy == policy]
+    failures += [f"cleanup {c.name}: {c.state}: {c.message}" for c in cleanups if c.message]
+    failures += [  # a path that could do nothing: the rule is not in force there
+        f"cleanup {c.name}: {p.pattern}: {p.state}: {p.message}"
+        for c in cleanups
+        for p in c.patterns
+        if p.state != "Walked"
     ]
+    failures += [f"cleanup {c.name}: {error}" for c in cleanups for error in c.errors]
     if report.oom is not None:
         failing_rules = {
             r.name for r in report.oom.rules if r.policy == policy and (r.forbidden or r.failed)

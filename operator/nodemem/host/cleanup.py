@@ -3,10 +3,12 @@
 Safety is the feature:
 
 - Only tmpfs: a pattern whose literal base directory is not on a tmpfs (fstatfs f_type, and
-  not the devtmpfs of /dev, which reports the same magic) is skipped and reported; nothing
-  below it is touched.
+  not the devtmpfs of /dev, which reports the same magic) is skipped and reported (pattern
+  state Skipped, naming the filesystem); nothing below it is touched. So is a base that does
+  not exist or is not a directory. The base is never `/` itself (refused as unsafe).
 - One mount only: the walk never enters a directory on another mount (mount id from fdinfo)
-  or another superblock (st_dev): bind mounts and nested filesystems are left alone.
+  or another superblock (st_dev): bind mounts and nested filesystems are left alone, and each
+  pattern that wanted to enter one is reported Incomplete, naming the mount point.
 - No symlink is followed below the base: a matching symlink is removed as a link, its target is
   never touched. In the literal base a symlink is followed only when it lives on a filesystem
   that is not tmpfs (host-owned links such as /var/run -> /run), and it is resolved inside the
@@ -22,8 +24,13 @@ matched against one name (`*` never crosses `/`, and matches names starting with
 component `**` matches any number of directories (`dir/**` = every file below dir). The final
 component matches files and symlinks only: a directory it matches is neither removed nor
 entered. Only regular files and symlinks are removed; sockets, fifos and devices are ignored.
-`exclude` patterns without `/` match an entry's name, with `/` its full path as spelled by the
-rule's pattern (fnmatch: here `*` may cross `/`); an excluded directory is not entered.
+`exclude` patterns without `/` match an entry's name anywhere; with `/` they match its full
+path: absolute ones as written, relative ones joined to the literal base of each of the rule's
+paths (`sub/keep.log` with `/m/logs/**` is `/m/logs/sub/keep.log`). fnmatch: here `*` may cross
+`/`. Paths are compared with the symlinks of every literal directory part resolved in the host
+root (the pattern's base and the exclude's own literal prefix; in an exclude even a symlink on
+a tmpfs, since that can only keep more), so an exclude may name a directory through a symlink
+(`/var/run/x`) or by its real path (`/run/x`) alike. An excluded directory is not entered.
 
 Empty directories (only with remove_empty_dirs): a directory the walk entered below a base
 (never a base) that is empty after the cleanup is removed, deepest first; with older_than set
@@ -48,11 +55,18 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import StrEnum
 from operator import attrgetter
 
-from nodemem.host.mounts import TMPFS_MAGIC, devtmpfs_devs
+from nodemem.host.mounts import (
+    PATH_ERRORS,
+    TMPFS_MAGIC,
+    MountinfoError,
+    devtmpfs_devs,
+    parse_mountinfo,
+)
 from nodemem.host.paths import HostPaths
-from nodemem.host.procfs import Holder
+from nodemem.host.procfs import Holder, read_proc_text
 from nodemem.host.statfs import statfs
 
 AGE_FIELDS = ("atime", "mtime", "ctime")
@@ -64,6 +78,7 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _GLOB_CHARS = frozenset("*?[")
 _RECURSIVE = "**"
 _CACHED_DIR_FDS = 64
+_CROSSINGS_LISTED = 3  # other mount points named per pattern
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,26 @@ class HeldOpenFile:
     path: str
     bytes: int
     holders: tuple[Holder, ...]
+
+
+class PatternState(StrEnum):
+    WALKED = "Walked"  # the base is a tmpfs directory and the walk stayed on its mount
+    SKIPPED = "Skipped"  # nothing to do: the base does not exist, is no directory, not tmpfs
+    INCOMPLETE = "Incomplete"  # walked, but directories it matched are other mounts: not entered
+    FAILED = "Failed"  # the base could not be opened safely (a symlink on a tmpfs, EACCES)
+
+
+class CleanupState(StrEnum):
+    COMPLETED = "Completed"
+    INCOMPLETE = "Incomplete"  # a pattern not Walked, or per-file errors
+    FAILED = "Failed"  # the run raised, or a pattern Failed
+
+
+@dataclass(frozen=True)
+class PatternResult:
+    pattern: str
+    state: PatternState
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,6 +131,21 @@ class CleanupResult:
     held_open: list[HeldOpenFile]
     errors: list[str]
     skipped_not_tmpfs: list[str]  # base directories of patterns that are not on a tmpfs
+    patterns: list[PatternResult] = field(default_factory=list)  # one per spec path, in order
+    failure: str = ""  # the run itself failed: nothing was done
+
+    @classmethod
+    def failed(cls, name: str, *, dry_run: bool, message: str) -> CleanupResult:
+        return cls(name, dry_run, 0, 0, 0, [], [], [], [], [], failure=message)
+
+    @property
+    def state(self) -> CleanupState:
+        states = {p.state for p in self.patterns}
+        if self.failure or PatternState.FAILED in states:
+            return CleanupState.FAILED
+        if self.errors or states - {PatternState.WALKED}:
+            return CleanupState.INCOMPLETE
+        return CleanupState.COMPLETED
 
 
 @dataclass(frozen=True)
@@ -156,6 +206,8 @@ def _parse_pattern(text: str) -> _Pattern:
     literal = 0
     while literal < len(parts) - 1 and not _has_glob(parts[literal]):
         literal += 1
+    if literal == 0:  # `/x`, `/*`, `/**`: the walk would start at the host root
+        raise ValueError(f"{where}: its literal directory is /; name a directory on the tmpfs")
     return _Pattern(
         text=text,
         base=tuple(parts[:literal]),
@@ -163,9 +215,23 @@ def _parse_pattern(text: str) -> _Pattern:
     )
 
 
-def _compile_excludes(patterns: Sequence[str], *, with_slash: bool) -> re.Pattern[str] | None:
-    chosen = [fnmatch.translate(p) for p in patterns if ("/" in p) == with_slash]
+def _compile_name_excludes(patterns: Sequence[str]) -> re.Pattern[str] | None:
+    chosen = [fnmatch.translate(p) for p in patterns if "/" not in p]
     return re.compile("|".join(chosen)) if chosen else None
+
+
+def _literal_prefix(parts: Sequence[str]) -> int:
+    """How many leading directory components of an exclude are literal (no glob)."""
+    literal = 0
+    while literal < len(parts) - 1 and not _has_glob(parts[literal]):
+        literal += 1
+    return literal
+
+
+def _joined(directory: str, rest: str) -> str:
+    """An exclude regex: a literal directory (escaped, any characters) then an fnmatch glob."""
+    prefix = directory if directory.endswith("/") else f"{directory}/"
+    return re.escape(prefix) + fnmatch.translate(rest)
 
 
 @dataclass(frozen=True)
@@ -258,6 +324,7 @@ class _Dir:
     parent: _Dir | None  # None for a base
     name: str
     path: str  # as spelled by the pattern that reached it first
+    real_path: str  # with the base's symlinks resolved: what excludes are matched against
     dev: int
     ino: int
     mtime_ns: int
@@ -268,6 +335,10 @@ class _Dir:
 
     def child_path(self, name: str) -> str:
         return f"{self.path}{name}" if self.path.endswith("/") else f"{self.path}/{name}"
+
+    def real_child_path(self, name: str) -> str:
+        real = self.real_path
+        return f"{real}{name}" if real.endswith("/") else f"{real}/{name}"
 
 
 @dataclass(slots=True, eq=False)
@@ -351,8 +422,13 @@ class _Run:
         self.age_of: Callable[[os.stat_result], int] = (
             getters[0] if len(getters) == 1 else lambda st: max(g(st) for g in getters)
         )
-        self.exclude_names = _compile_excludes(spec.exclude, with_slash=False)
-        self.exclude_paths = _compile_excludes(spec.exclude, with_slash=True)
+        self.exclude_names = _compile_name_excludes(spec.exclude)
+        self.exclude_paths: re.Pattern[str] | None = None  # needs the bases: see _open_bases
+        # per pattern (index): what became of its base, and the other mounts it met
+        self.pattern_states: dict[int, tuple[PatternState, str]] = {}
+        self.crossings: dict[int, dict[str, None]] = {}  # ordered sets of mount points
+        self._fs_types: dict[int, str] | None = None  # mount id -> fstype, read when needed
+        self.real_bases: dict[str, None] = {}  # the walked bases' real paths, in pattern order
         self.dirs: dict[tuple[int, int], _Dir] = {}
         self.seen: set[tuple[int, int, str]] = set()
         self.overlapping = False
@@ -368,16 +444,18 @@ class _Run:
         self.held: list[HeldOpenFile] = []
         self.errors: list[str] = []
         self.skipped: list[str] = []
+        self.failure = ""
 
     def __call__(self) -> CleanupResult:
         with ExitStack() as stack:
             try:
                 root_fd = os.open(self.paths.host_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as exc:
-                self._error(str(self.paths.host_root), exc)
+                self.failure = f"{self.paths.host_root}: {exc.strerror or exc}"
                 return self._result()
             stack.callback(os.close, root_fd)
             superblocks = self._open_bases(root_fd, stack)
+            self.exclude_paths = self._compile_path_excludes(root_fd)
             base_fds = {base.directory: base.fd for bases in superblocks.values() for base in bases}
             dir_fds = _DirFds(base_fds)
             stack.callback(dir_fds.close)
@@ -397,38 +475,75 @@ class _Run:
             held_open=self.held,
             errors=self.errors,
             skipped_not_tmpfs=self.skipped,
+            patterns=[self._pattern_result(i) for i in range(len(self.patterns))],
+            failure=self.failure,
         )
 
+    def _pattern_result(self, index: int) -> PatternResult:
+        text = self.patterns[index].text
+        if self.failure:
+            return PatternResult(text, PatternState.FAILED, "not run: " + self.failure)
+        state, message = self.pattern_states.get(index, (PatternState.WALKED, ""))
+        crossed = list(self.crossings.get(index, ()))
+        if state is PatternState.WALKED and crossed:
+            listed = ", ".join(crossed[:_CROSSINGS_LISTED])
+            more = len(crossed) - _CROSSINGS_LISTED
+            return PatternResult(
+                text,
+                PatternState.INCOMPLETE,
+                f"crosses into another mount at {listed}"
+                + (f" and {more} more" if more > 0 else "")
+                + ": not entered (give each mount its own pattern, or exclude it)",
+            )
+        return PatternResult(text, state, message)
+
     def _error(self, path: str, exc: BaseException) -> None:
+        self.errors.append(self._message(path, exc))
+
+    @staticmethod
+    def _message(path: str, exc: BaseException) -> str:
         message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        self.errors.append(f"{path}: {message}")
+        return f"{path}: {message}"
 
     # --- bases -------------------------------------------------------------------------
 
     def _open_bases(self, root_fd: int, stack: ExitStack) -> dict[int, list[_Base]]:
-        """Open every pattern's base; group the tmpfs ones by superblock (st_dev)."""
+        """Open every pattern's base; group the tmpfs ones by superblock (st_dev).
+
+        A base that cannot be walked gives its pattern a state (Skipped or Failed) and a message.
+        """
         bases: dict[tuple[int, int], _Base] = {}
         for index, pattern in enumerate(self.patterns):
+            where = pattern.base_path
             try:
-                fd = _open_in_root(root_fd, pattern.base)
+                fd, real = _open_in_root(root_fd, pattern.base)
             except FileNotFoundError:
-                continue  # nothing can match below a directory that does not exist
+                self._pattern(index, PatternState.SKIPPED, f"{where} does not exist")
+                continue
+            except NotADirectoryError:
+                self._pattern(index, PatternState.SKIPPED, f"{where} is not a directory")
+                continue
             except (OSError, _Unsafe) as exc:
-                self._error(pattern.base_path, exc)
+                self._pattern(index, PatternState.FAILED, self._message(where, exc))
                 continue
             stack.callback(os.close, fd)
             try:
-                if not _is_tmpfs(fd) or os.fstat(fd).st_dev in self.devtmpfs:
-                    if pattern.base_path not in self.skipped:
-                        self.skipped.append(pattern.base_path)
-                    continue
                 st = os.fstat(fd)
+                if not _is_tmpfs(fd) or st.st_dev in self.devtmpfs:
+                    if where not in self.skipped:
+                        self.skipped.append(where)
+                    fstype = "devtmpfs" if st.st_dev in self.devtmpfs else self._fs_type(fd)
+                    self._pattern(
+                        index, PatternState.SKIPPED, f"not on tmpfs: {where} is on {fstype}"
+                    )
+                    continue
                 key = (st.st_dev, st.st_ino)
                 if key not in bases:
                     directory = _Dir(
                         parent=None,
                         name="",
-                        path=pattern.base_path,
+                        path=where,
+                        real_path=real,
                         dev=st.st_dev,
                         ino=st.st_ino,
                         mtime_ns=st.st_mtime_ns,
@@ -438,13 +553,54 @@ class _Run:
                     self.dirs[key] = directory
                     bases[key] = _Base(directory, fd, _mount_id(fd))
             except OSError as exc:
-                self._error(pattern.base_path, exc)
+                self._pattern(index, PatternState.FAILED, self._message(where, exc))
                 continue
             bases[key].states.add((index, 0))
+            self.real_bases.setdefault(real, None)
         superblocks: dict[int, list[_Base]] = {}
         for base in bases.values():
             superblocks.setdefault(base.directory.dev, []).append(base)
         return superblocks
+
+    def _pattern(self, index: int, state: PatternState, message: str) -> None:
+        self.pattern_states[index] = (state, message)
+
+    def _fs_type(self, fd: int) -> str:
+        """The filesystem type of fd's mount, by its mount id in a mount table (for messages)."""
+        if self._fs_types is None:
+            self._fs_types = {}
+            for reader in ("self", "1"):
+                try:
+                    text = read_proc_text(f"{self.paths.proc_root}/{reader}/mountinfo", PATH_ERRORS)
+                    mounts = parse_mountinfo(text)
+                except (OSError, MountinfoError):
+                    continue
+                self._fs_types.update((m.mount_id, m.fstype) for m in mounts)
+        try:
+            return self._fs_types.get(_mount_id(fd)) or f"filesystem type {statfs(fd).fs_type:#x}"
+        except OSError:
+            return "another filesystem"
+
+    def _compile_path_excludes(self, root_fd: int) -> re.Pattern[str] | None:
+        """Excludes with `/` as one regex over real paths (see the module doc)."""
+        chosen: list[str] = []
+        for exclude in self.spec.exclude:
+            if "/" not in exclude:
+                continue
+            if not exclude.startswith("/"):  # relative: to the base of every pattern
+                chosen += [_joined(real, exclude) for real in self.real_bases]
+                continue
+            parts = exclude[1:].split("/")
+            literal = _literal_prefix(parts)
+            real = "/" + "/".join(parts[:literal])
+            if literal:
+                try:
+                    fd, real = _open_in_root(root_fd, parts[:literal], tmpfs_links=True)
+                    os.close(fd)
+                except (OSError, _Unsafe):
+                    pass  # nothing there to resolve: compare as written
+            chosen.append(_joined(real, "/".join(parts[literal:])))
+        return re.compile("|".join(chosen)) if chosen else None
 
     # --- walk --------------------------------------------------------------------------
 
@@ -492,10 +648,12 @@ class _Run:
         if first_scan:
             directory.entries = len(entries)
         prefix = directory.path if directory.path.endswith("/") else f"{directory.path}/"
+        real = directory.real_path
+        real_prefix = real if real.endswith("/") else f"{real}/"
         excludes = self.exclude_names is not None or self.exclude_paths is not None
         for entry in entries:
             name = entry.name
-            if excludes and self._excluded(name, prefix + name):
+            if excludes and self._excluded(name, real_prefix + name):
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
@@ -527,7 +685,10 @@ class _Run:
         try:
             st = os.fstat(fd)
             if st.st_dev != base.directory.dev or _mount_id(fd) != base.mount_id:
-                return  # another filesystem or a bind mount: never entered
+                # another filesystem or a bind mount: never entered, and said so
+                for index, _ in states:
+                    self.crossings.setdefault(index, {})[path] = None
+                return
             key = (st.st_dev, st.st_ino)
             directory = self.dirs.get(key)
             if directory is None:
@@ -535,6 +696,7 @@ class _Run:
                     parent=parent,
                     name=name,
                     path=path,
+                    real_path=parent.real_child_path(name),
                     dev=st.st_dev,
                     ino=st.st_ino,
                     mtime_ns=st.st_mtime_ns,
@@ -699,13 +861,18 @@ def _usage(fd: int) -> tuple[int, int]:
     return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-def _open_in_root(root_fd: int, parts: Sequence[str]) -> int:
-    """Open the directory `parts` below root_fd as if root_fd were `/` (chroot semantics).
+def _open_in_root(
+    root_fd: int, parts: Sequence[str], *, tmpfs_links: bool = False
+) -> tuple[int, str]:
+    """Open the directory `parts` below root_fd as if root_fd were `/` (chroot semantics);
+    return its fd and its real path (symlinks resolved) in that root.
 
     Symlinks are resolved by hand: absolute targets restart at the root, `..` never rises above
-    it. A symlink is followed only where it lives on a filesystem that is not tmpfs.
+    it. A symlink is followed only where it lives on a filesystem that is not tmpfs, unless
+    tmpfs_links (resolving an exclude, which can only keep more files).
     """
     stack = [root_fd]  # open directories from the root down; root_fd belongs to the caller
+    names: list[str] = []  # the real path of stack[-1]
     pending = list(reversed(parts))
     links = 0
     try:
@@ -716,11 +883,12 @@ def _open_in_root(root_fd: int, parts: Sequence[str]) -> int:
             if part == "..":
                 if len(stack) > 1:
                     os.close(stack.pop())
+                    names.pop()
                 continue
             here = stack[-1]
             st = os.stat(part, dir_fd=here, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
-                if _is_tmpfs(here):
+                if not tmpfs_links and _is_tmpfs(here):
                     raise _Unsafe(
                         f"symlink {part!r} on a tmpfs in the pattern's base, not followed"
                     )
@@ -731,12 +899,15 @@ def _open_in_root(root_fd: int, parts: Sequence[str]) -> int:
                 if target.startswith("/"):
                     while len(stack) > 1:
                         os.close(stack.pop())
+                    names.clear()
                 pending.extend(reversed(target.split("/")))
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             stack.append(os.open(part, _OPEN_DIR, dir_fd=here))
-        return stack.pop() if len(stack) > 1 else os.dup(root_fd)
+            names.append(part)
+        real = "/" + "/".join(names)
+        return (stack.pop() if len(stack) > 1 else os.dup(root_fd)), real
     finally:
         for fd in stack[1:]:
             os.close(fd)

@@ -37,7 +37,7 @@ def parse_meminfo(text: str) -> dict[str, int]:
         parts = rest.split()
         if not sep or not key or " " in key or len(parts) not in (1, 2):
             raise MeminfoError(f"meminfo line {number}: malformed: {line!r}")
-        if not parts[0].isdigit():
+        if not (parts[0].isascii() and parts[0].isdigit()):  # "²".isdigit(), int("²") fails
             raise MeminfoError(f"meminfo line {number}: {key} is not a number: {parts[0]!r}")
         if len(parts) == 2 and parts[1] != "kB":
             raise MeminfoError(f"meminfo line {number}: {key} has unit {parts[1]!r}, expected kB")
@@ -82,6 +82,33 @@ def breakdown(meminfo: dict[str, int], process_rss: int) -> MemoryBreakdown:
         swap_total=meminfo["SwapTotal"],
         process_rss=process_rss,
     )
+
+
+# More than any machine holds (VmallocTotal, the largest real field, is ~12.5 PiB with
+# 5-level paging): a number above it is corruption, not memory.
+IMPLAUSIBLE_BYTES = 1 << 60
+
+
+def implausible(memory: MemoryBreakdown) -> list[str]:
+    """Why these numbers cannot all be true; [] for a sane meminfo. They are still shown
+    (the kernel said them), but never as fact without these warnings."""
+    if memory.total == 0:
+        return ["MemTotal is 0: this /proc/meminfo does not describe a running machine"]
+    warnings = []
+    parts = {
+        "MemAvailable": memory.available,
+        "Shmem": memory.shmem,
+        "Slab": memory.slab,
+        "KernelStack": memory.kernel_stack,
+        "PageTables": memory.page_tables,
+    }
+    for name, value in {"MemTotal": memory.total, **parts}.items():
+        if value >= IMPLAUSIBLE_BYTES:
+            warnings.append(f"{name} is {value} bytes, more than any machine has")
+    for name, value in parts.items():
+        if memory.total < value < IMPLAUSIBLE_BYTES:
+            warnings.append(f"{name} ({value} bytes) exceeds MemTotal ({memory.total} bytes)")
+    return warnings
 
 
 def read_meminfo(paths: HostPaths) -> dict[str, int]:

@@ -122,13 +122,14 @@ def parse_status(pid: int, text: str) -> ProcStatus:
     )
 
 
-def read_proc_text(path: str, errors: str = "replace") -> str:
+def read_proc_text(path: str, errors: str = "replace", *, dir_fd: int | None = None) -> str:
     """A /proc (or /sys) file's text; bytes that are not UTF-8 become U+FFFD, or with
-    errors="surrogateescape" stay usable in paths.
+    errors="surrogateescape" stay usable in paths. With `dir_fd`, `path` is relative to
+    that directory (a /proc/PID fd: the file of that very process, see open_process_dir).
 
     os.read rather than open(): half the cost of a text-mode file object per read.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         chunks = []
         while chunk := os.read(fd, 65536):
@@ -170,6 +171,23 @@ def start_time(paths: HostPaths, pid: int) -> int:
         text = read_proc_text(f"{paths.proc_root}/{pid}/stat")
     except OSError as exc:
         raise classify(pid, "stat", exc) from exc
+    return int(stat_fields(text)[19])
+
+
+def stat_fields(text: str) -> list[str]:
+    """The fields of /proc/PID/stat from field 3 on (index 0 is field 3, the state)."""
     # The comm field may contain spaces and parentheses: fields resume after the last ")".
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[19])
+    return text[text.rindex(")") + 2 :].split()
+
+
+def open_process_dir(paths: HostPaths, pid: int) -> int:
+    """An fd of the directory /proc/PID, to read (dir_fd=) files of this one process.
+
+    The fd stays bound to the process it was opened on: once that process is gone,
+    reads through it fail with ESRCH even if its pid names a new process by then.
+    Raises ProcessGone / ProcessUnreadable.
+    """
+    try:
+        return os.open(paths.proc(pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise classify(pid, "proc directory", exc) from exc

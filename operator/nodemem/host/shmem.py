@@ -43,7 +43,7 @@ from nodemem.host.procfs import (
     read_text,
 )
 from nodemem.host.procmaps import file_mappings, maps_dev
-from nodemem.host.statfs import statfs
+from nodemem.host.statfs import statfs, walk_usage
 from nodemem.host.sysvipc import SysvSegment, read_segments, read_segments_in_namespace_of
 
 KIND_TMPFS = "tmpfs"
@@ -679,31 +679,6 @@ def _superblock_name(scanner: _Scanner, sb: _Superblock) -> str:
     if not own:
         name += " (other mount namespace)"
     return name
-
-
-def walk_usage(path: str, dev: int) -> int:
-    """Allocated bytes of the files under `path` on superblock `dev` (hard links once)."""
-    total = 0
-    seen: set[int] = set()
-    stack = [path]
-    while stack:
-        directory = stack.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if st.st_dev != dev or st.st_ino in seen:
-                continue
-            seen.add(st.st_ino)
-            total += st.st_blocks * 512
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(entry.path)
-    return total
 
 
 def scan_node(paths: HostPaths | None = None) -> NodeScan:

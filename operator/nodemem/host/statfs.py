@@ -1,9 +1,11 @@
-"""statfs(2) with the filesystem type, which os.statvfs does not give."""
+"""statfs(2) with the filesystem type, which os.statvfs does not give; a tmpfs's use
+when statfs cannot tell it (an unlimited one reports 0 blocks)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import stat
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -65,3 +67,28 @@ def statfs(target: str | os.PathLike[str] | int) -> FsStat:
         files=buf.f_files,
         files_free=buf.f_ffree,
     )
+
+
+def walk_usage(path: str, dev: int) -> int:
+    """Allocated bytes of the files under `path` on superblock `dev` (hard links once)."""
+    total = 0
+    seen: set[int] = set()
+    stack = [path]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_dev != dev or st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+    return total

@@ -36,7 +36,7 @@ from nodemem.host.mounts import PATH_ERRORS, TMPFS_MAGIC, Mount, dev_string, par
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import read_proc_text, read_text
 from nodemem.host.remount import RemountError, reconfigure_tmpfs
-from nodemem.host.statfs import statfs
+from nodemem.host.statfs import statfs, walk_usage
 
 _GLOB_CHARACTERS = frozenset("*?[")
 
@@ -49,6 +49,9 @@ class LimitState(StrEnum):
     NOT_TMPFS = "NotTmpfs"
     NOT_FOUND = "NotFound"
     FAILED = "Failed"
+    # Another item covering the same mount wins (priority, then policy name, then position):
+    # informational, never a failure.
+    OVERRIDDEN = "Overridden"
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,10 @@ def _apply_on_fd(fd: int, point: str, mount: Mount, request: _Request) -> LimitR
         "",
         size_before=before.blocks * page,
         size_after=before.blocks * page,
-        used_bytes=before.used_blocks * page,
+        # An unlimited tmpfs has no blocks to count in statfs: its files tell its use.
+        used_bytes=before.used_blocks * page
+        if before.blocks
+        else walk_usage(f"/proc/self/fd/{fd}", dev),
         desired_bytes=asked_blocks * page,
         inodes_before=before.inodes,
         inodes_after=before.inodes,

@@ -6,18 +6,26 @@ Every item gets a state; nothing one item does (or fails to do) stops the others
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nodemem.api.policy import PodVolumeSelector
-from nodemem.host.cleanup import CleanupResult, CleanupSpec, run_cleanup
+from nodemem.host.cleanup import CleanupResult, CleanupSpec, CleanupState, run_cleanup
 from nodemem.host.paths import HostPaths
 from nodemem.host.pods import pod_volume_from_path
 from nodemem.host.procfs import Holder
-from nodemem.host.tmpfs_limits import LimitResult, LimitState, apply_limit, find_targets
-from nodemem.policy.effective import EffectiveCleanup, EffectivePolicy, EffectiveTmpfs
+from nodemem.host.tmpfs_limits import LimitResult, LimitState, Target, apply_limit, find_targets
+from nodemem.policy.effective import (
+    EffectiveCleanup,
+    EffectivePolicy,
+    EffectiveTmpfs,
+    tmpfs_winners,
+)
 from nodemem.policy.oom import OomResult, apply_oom_rules
 from nodemem.policy.pods import PodDirectory
+
+log = logging.getLogger("nodemem.apply")
 
 # States that mean "the policy could not be enforced here": exit status 1, condition Degraded.
 FAILED_TMPFS_STATES = frozenset({LimitState.REFUSED, LimitState.FAILED})
@@ -46,7 +54,7 @@ class ApplyResult:
     def failed(self) -> bool:
         return (
             any(o.result.state in FAILED_TMPFS_STATES for o in self.tmpfs)
-            or any(o.result.errors for o in self.cleanup)
+            or any(o.result.state is not CleanupState.COMPLETED for o in self.cleanup)
             or self.oom.failed
         )
 
@@ -67,37 +75,77 @@ def selects_pod_volume(selector: PodVolumeSelector, mount_point: str, pods: PodD
 
 def apply_tmpfs(
     paths: HostPaths,
-    item: EffectiveTmpfs,
+    items: Sequence[EffectiveTmpfs],
     *,
     dry_run: bool,
     pods: PodDirectory | None = None,
 ) -> list[TmpfsOutcome]:
+    """Resolve every item to its mounts, then apply each mount's winning item only.
+
+    `items` in merge order (EffectivePolicy.tmpfs). Merging by mount, not by path string,
+    keeps `/m/a` and `/m/*` from remounting /m/a in turn every run; each losing item is
+    reported Overridden on that mount, naming the winner.
+    """
+    directory = pods or PodDirectory()
+    resolved = [(item, _targets(paths, item, directory)) for item in items]
+    winners = tmpfs_winners(
+        (item, [(t.namespace_pid, t.mount_point) for t in targets]) for item, targets in resolved
+    )
+    in_force: dict[tuple[int | None, str], LimitResult] = {}
+    outcomes: list[TmpfsOutcome] = []
+    for item, targets in resolved:
+        if not targets:
+            missing = LimitResult(
+                path=item.path,
+                state=LimitState.NOT_FOUND,
+                message="no mount point matches"
+                + (" for the selected pods" if item.item.pods else ""),
+            )
+            outcomes.append(TmpfsOutcome(item.policy, item.path, missing))
+        for target in targets:
+            key = (target.namespace_pid, target.mount_point)
+            winner = winners[key]
+            if winner is item:
+                result = apply_limit(
+                    target,
+                    item.size_bytes,
+                    nr_inodes=item.item.nr_inodes,
+                    headroom_bytes=item.headroom_bytes,
+                    dry_run=dry_run or item.dry_run,
+                )
+                in_force[key] = result
+            else:  # the winner comes first in merge order: its result is known
+                result = _overridden(target.mount_point, item, winner, in_force.get(key))
+            outcomes.append(TmpfsOutcome(item.policy, item.path, result))
+    return outcomes
+
+
+def _targets(paths: HostPaths, item: EffectiveTmpfs, pods: PodDirectory) -> list[Target]:
     targets = find_targets(paths, item.path)
     selector = item.item.pods
     if selector is not None:
-        directory = pods or PodDirectory()
-        targets = [t for t in targets if selects_pod_volume(selector, t.mount_point, directory)]
-    if not targets:
-        missing = LimitResult(
-            path=item.path,
-            state=LimitState.NOT_FOUND,
-            message="no mount point matches" + (" for the selected pods" if selector else ""),
-        )
-        return [TmpfsOutcome(item.policy, item.path, missing)]
-    return [
-        TmpfsOutcome(
-            item.policy,
-            item.path,
-            apply_limit(
-                target,
-                item.size_bytes,
-                nr_inodes=item.item.nr_inodes,
-                headroom_bytes=item.headroom_bytes,
-                dry_run=dry_run or item.dry_run,
-            ),
-        )
-        for target in targets
-    ]
+        targets = [t for t in targets if selects_pod_volume(selector, t.mount_point, pods)]
+    return targets
+
+
+def _overridden(
+    mount_point: str, loser: EffectiveTmpfs, winner: EffectiveTmpfs, won: LimitResult | None
+) -> LimitResult:
+    wanted = f"size {winner.item.size}"
+    if winner.item.nr_inodes is not None:
+        wanted += f", nrInodes {winner.item.nr_inodes}"
+    item = "" if winner.path == mount_point else f", item {winner.path}"
+    return LimitResult(
+        path=mount_point,
+        state=LimitState.OVERRIDDEN,
+        message=f"overridden on {mount_point} by policy {winner.policy} "
+        f"(priority {winner.priority}){item}: {wanted}",
+        # What is in force there now, and what this item would have asked for.
+        size_before=None if won is None else won.size_before,
+        size_after=None if won is None else won.size_after,
+        used_bytes=None if won is None else won.used_bytes,
+        desired_bytes=loser.size_bytes,
+    )
 
 
 def cleanup_spec(item: EffectiveCleanup) -> CleanupSpec:
@@ -123,13 +171,20 @@ def apply_cleanups(
     *,
     dry_run: bool,
 ) -> list[CleanupOutcome]:
-    return [
-        CleanupOutcome(
-            item.policy,
-            run_cleanup(paths, cleanup_spec(item), held_open, dry_run=dry_run or item.dry_run),
-        )
-        for item in items
-    ]
+    """Run each rule once. A rule that raises gets state Failed with the reason; the other
+    rules still run (and the agent's loop goes on)."""
+    outcomes: list[CleanupOutcome] = []
+    for item in items:
+        item_dry_run = dry_run or item.dry_run
+        try:
+            result = run_cleanup(paths, cleanup_spec(item), held_open, dry_run=item_dry_run)
+        except Exception as exc:
+            log.error("cleanup %s failed", item.name, exc_info=True)
+            result = CleanupResult.failed(
+                item.name, dry_run=item_dry_run, message=f"{type(exc).__name__}: {exc}"
+            )
+        outcomes.append(CleanupOutcome(item.policy, result))
+    return outcomes
 
 
 def apply_policy(
@@ -144,8 +199,7 @@ def apply_policy(
     """Apply tmpfs limits, run `cleanups` (the rules that are due, or all when asked),
     then set oom_score_adj on every running process a rule matches."""
     result = ApplyResult()
-    for item in effective.tmpfs:
-        result.tmpfs.extend(apply_tmpfs(paths, item, dry_run=dry_run, pods=pods))
+    result.tmpfs = apply_tmpfs(paths, effective.tmpfs, dry_run=dry_run, pods=pods)
     if cleanups:
         result.cleanup = apply_cleanups(paths, cleanups, held_open or {}, dry_run=dry_run)
     result.oom = apply_oom_rules(paths, effective.oom, pods or PodDirectory(), dry_run=dry_run)

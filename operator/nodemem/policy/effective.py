@@ -1,9 +1,13 @@
 """The effective policy of one node: every policy that selects it, merged item by item.
 
-tmpfs items merge by path, cleanup and oom rules by name. For each key the item of the
-highest-priority policy wins, ties going to the alphabetically first policy name. Items
-are listed in that policy order, then by position within their policy, which keeps
-"first matching OOM rule wins" meaningful across policies.
+Cleanup and oom rules merge by name: for each name the item of the highest-priority
+policy wins, ties going to the alphabetically first policy name. Items are listed in that
+policy order, then by position within their policy, which keeps "first matching OOM rule
+wins" meaningful across policies.
+
+tmpfs items cannot merge by their path string: `/m/a` and `/m/*` name one mount. All of
+them are kept, in the same merge order, and apply resolves each to its mounts and lets
+the first item covering a mount win it (`tmpfs_winners`); the others are Overridden there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ __all__ = [
     "EffectiveTmpfs",
     "PolicyRef",
     "effective_policy",
+    "tmpfs_winners",
 ]
 
 
@@ -42,6 +47,7 @@ class EffectiveTmpfs:
     dry_run: bool
     policy: str
     generation: int
+    priority: int = 0  # the policy's, named when this item overrides another
 
     @property
     def path(self) -> str:
@@ -120,6 +126,7 @@ def effective_policy(
             dry_run=policy.spec.dry_run,
             policy=policy.name,
             generation=policy.generation,
+            priority=policy.spec.priority,
         )
 
     def cleanup_of(policy: NodeMemoryPolicy, item: CleanupRule) -> EffectiveCleanup:
@@ -142,7 +149,7 @@ def effective_policy(
     )
     return EffectivePolicy(
         policies=tuple(PolicyRef(policy.name, policy.generation) for policy in selected),
-        tmpfs=_first_by_key(selected, lambda p: p.spec.tmpfs, lambda i: i.path, tmpfs_of),
+        tmpfs=tuple(tmpfs_of(policy, item) for policy in selected for item in policy.spec.tmpfs),
         cleanup=_first_by_key(selected, lambda p: p.spec.cleanup, lambda i: i.name, cleanup_of),
         oom=_first_by_key(selected, lambda p: p.spec.oom, lambda i: i.name, oom_of),
         unaccounted_shmem_threshold=threshold,
@@ -169,3 +176,22 @@ def _first_by_key(
                 seen.add(key)
                 merged.append(effective_of(policy, item))
     return tuple(merged)
+
+
+_Mount = TypeVar("_Mount")
+
+
+def tmpfs_winners(
+    resolved: Iterable[tuple[EffectiveTmpfs, Iterable[_Mount]]],
+) -> dict[_Mount, EffectiveTmpfs]:
+    """For each mount, the item in force there, given each item with the mounts it covers.
+
+    `resolved` must be in merge order (as `EffectivePolicy.tmpfs` is): the first item that
+    covers a mount wins it, so the higher priority wins, then the alphabetically first
+    policy name, then, within one policy, the earlier item.
+    """
+    winners: dict[_Mount, EffectiveTmpfs] = {}
+    for item, mounts in resolved:
+        for mount in mounts:
+            winners.setdefault(mount, item)
+    return winners

@@ -16,7 +16,7 @@ from nodemem.api.policy import OomMatch
 from nodemem.host.identity import ProcessIdentity, read_identity
 from nodemem.host.oom_adj import AdjState, read_oom_score_adj, set_oom_score_adj
 from nodemem.host.paths import HostPaths
-from nodemem.host.procfs import ProcessGone, ProcessUnreadable, list_pids
+from nodemem.host.procfs import ProcessGone, ProcessUnreadable, list_pids, start_time
 from nodemem.policy.effective import EffectiveOomRule
 from nodemem.policy.pods import PodDirectory, PodInfo
 
@@ -80,7 +80,7 @@ class OomResult:
         self.matched += 1
         self.states[outcome.state] += 1
         self.per_rule.setdefault(outcome.rule, Counter())[outcome.state] += 1
-        if len(self.outcomes) < MAX_OUTCOMES_KEPT or outcome.state in FAILED_ADJ_STATES:
+        if len(self.outcomes) < MAX_OUTCOMES_KEPT or outcome.state in LISTED_ADJ_STATES:
             self.outcomes.append(outcome)
 
     @property
@@ -89,6 +89,9 @@ class OomResult:
 
 
 FAILED_ADJ_STATES = frozenset({AdjState.FORBIDDEN.value, AdjState.FAILED.value})
+# Listed per process in reports: the failures, and matched processes not written because
+# they were gone by the write (not failures: nothing to fix).
+LISTED_ADJ_STATES = FAILED_ADJ_STATES | {AdjState.VANISHED.value}
 
 
 def apply_to_process(
@@ -98,14 +101,20 @@ def apply_to_process(
     pods: PodDirectory,
     *,
     dry_run: bool,
+    started: int | None = None,
 ) -> OomOutcome | None:
     """Apply the first matching rule to one process; None when none applies or it is gone.
 
+    `started` is the process's start time if the caller read it before calling (read
+    here otherwise): the value is written only to the process that started then.
     Raises ProcessUnreadable when the process's identity cannot be read.
     """
     if pid in (1, os.getpid()):
         return None
     try:
+        # Before the identity: a pid reused after this point fails the write's check.
+        if started is None:
+            started = start_time(paths, pid)
         process = read_identity(paths, pid)
     except ProcessGone:
         return None
@@ -125,9 +134,7 @@ def apply_to_process(
         return OomOutcome(
             pid, process.comm, rule.name, rule.policy, state, current, wanted, message
         )
-    result = set_oom_score_adj(paths, pid, wanted)
-    if result.state is AdjState.GONE:
-        return None  # exited between match and write: nothing to report
+    result = set_oom_score_adj(paths, pid, wanted, expected_start=started)
     return OomOutcome(
         pid,
         process.comm,

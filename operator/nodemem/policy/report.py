@@ -7,6 +7,7 @@ from typing import Any
 
 from nodemem.api.report import (
     ApplyReport,
+    CleanupPatternStatus,
     CleanupStatus,
     DeletedOpenFile,
     HeldOpenFile,
@@ -34,6 +35,7 @@ from nodemem.api.status import (
     set_condition,
 )
 from nodemem.host.identity import read_identity
+from nodemem.host.meminfo import implausible
 from nodemem.host.oom_adj import AdjState
 from nodemem.host.oom_predict import OomPrediction
 from nodemem.host.paths import HostPaths
@@ -41,7 +43,7 @@ from nodemem.host.procfs import ProcessGone, ProcessUnreadable
 from nodemem.host.shmem import NodeScan
 from nodemem.policy.apply import ApplyResult, CleanupOutcome, TmpfsOutcome
 from nodemem.policy.effective import EffectiveOomRule, EffectivePolicy
-from nodemem.policy.oom import FAILED_ADJ_STATES, PLANNED, OomResult
+from nodemem.policy.oom import LISTED_ADJ_STATES, PLANNED, OomResult
 from nodemem.policy.pods import PodDirectory
 
 MAX_UNREADABLE_LISTED = 20
@@ -52,6 +54,7 @@ def host_report(scan: NodeScan, top: int = 10, oom: OomPreview | None = None) ->
     shmem = scan.shmem
     by_kind = shmem.by_kind()
     return HostReport(
+        warnings=implausible(memory),
         memory=MemorySummary(
             total_bytes=memory.total,
             available_bytes=memory.available,
@@ -122,6 +125,8 @@ def cleanup_status(outcome: CleanupOutcome) -> CleanupStatus:
     return CleanupStatus(
         name=result.name,
         policy=outcome.policy,
+        state=result.state.value,
+        message=result.failure,
         dry_run=result.dry_run,
         files_removed=result.files_removed,
         bytes_removed=result.bytes_removed,
@@ -138,7 +143,21 @@ def cleanup_status(outcome: CleanupOutcome) -> CleanupStatus:
         ],
         would_remove=[f.path for f in result.would_remove[:MAX_FILES_LISTED]],
         errors=result.errors,
+        patterns=[
+            CleanupPatternStatus(pattern=p.pattern, state=p.state.value, message=p.message)
+            for p in result.patterns
+        ],
     )
+
+
+def _cleanup_problem(status: CleanupStatus) -> str:
+    if status.message:
+        return f"{status.state}: {status.message}"
+    patterns = [p for p in status.patterns if p.state != "Walked"]
+    what = [f"{p.pattern} {p.state}" for p in patterns]
+    if status.errors:
+        what.append(f"{len(status.errors)} errors")
+    return ", ".join(what) or status.state
 
 
 def oom_status(rules: Sequence[EffectiveOomRule], result: OomResult) -> OomStatus:
@@ -150,12 +169,13 @@ def oom_status(rules: Sequence[EffectiveOomRule], result: OomResult) -> OomStatu
             forbidden=states.get(AdjState.FORBIDDEN.value, 0),
             failed=states.get(AdjState.FAILED.value, 0) + states.get(AdjState.REFUSED.value, 0),
             planned=states.get(PLANNED, 0),
+            vanished=states.get(AdjState.VANISHED.value, 0),
         ).model_dump()
 
     failures = [
         OomFailure(pid=o.pid, comm=o.comm, rule=o.rule, state=o.state, message=o.message)
         for o in result.outcomes
-        if o.state in FAILED_ADJ_STATES
+        if o.state in LISTED_ADJ_STATES
     ]
     return OomStatus(
         **counts(result.states),
@@ -225,14 +245,14 @@ def node_report_status(
         oom.badness_truncation_risk = host.oom.badness_truncation_risk
     tmpfs = [tmpfs_status(o) for o in applied.tmpfs]
     failures = [t for t in tmpfs if t.state in ("Refused", "Failed")]
-    failed_cleanups = [c for c in cleanups if c.errors]
+    failed_cleanups = [c for c in cleanups if c.errors or c.state != "Completed"]
     conditions = list(previous)
     applied_condition: tuple[ConditionStatus, str, str]
     degraded: tuple[ConditionStatus, str, str]
     leak: tuple[ConditionStatus, str, str]
     if failures or failed_cleanups or oom.forbidden or oom.failed:
         what = [f"tmpfs {t.path} {t.state}" for t in failures]
-        what += [f"cleanup {c.name}: {len(c.errors)} errors" for c in failed_cleanups]
+        what += [f"cleanup {c.name}: {_cleanup_problem(c)}" for c in failed_cleanups]
         if oom.forbidden or oom.failed:
             what.append(f"oom: {oom.forbidden} forbidden, {oom.failed} failed")
         message = "; ".join(what)
