@@ -288,3 +288,15 @@ def test_an_unlimited_tmpfs_reports_what_it_holds(mount_tmpfs, tmp_path, capsys)
     (item,) = json.loads(capsys.readouterr().out)["tmpfs"]
     assert item["state"] == "Refused"
     assert item["usedBytes"] == 12 << 20
+
+
+def test_a_newline_in_a_file_name_cannot_forge_a_report_line(mount_tmpfs, tmp_path, capsys) -> None:
+    point = mount_tmpfs(options="size=64m")
+    forged = point / "x\n  old: would remove important\x1b[1A.log"  # no "/" in a name
+    forged.write_bytes(b"x")
+    os.utime(forged, (0, 0))
+    assert run_apply(tmp_path, manifest(point), "--run-cleanup", "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in lines if "would remove" in line]
+    assert line == f"  old: would remove {point}/x\\n  old: would remove important\\x1b[1A.log"
+    assert forged.exists()
