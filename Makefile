@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: run test lint unit bench install clean crds
+.PHONY: run test lint unit bench install clean crds tools docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# promtool checks and unit-tests the chart's alert rules (tests/chart/test_monitoring.py):
+# the binary alone from Debian's prometheus package, unpacked, never installed as a service.
+$(PROMTOOL):
+	rm -rf $(VENV)/tools/deb && mkdir -p $(VENV)/tools/deb
+	cd $(VENV)/tools/deb && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x $(VENV)/tools/deb/prometheus_*.deb $(VENV)/tools/deb/root
+	cp $(VENV)/tools/deb/root/usr/bin/promtool $@.tmp && mv $@.tmp $@
+	rm -rf $(VENV)/tools/deb
+
+tools: $(PROMTOOL)
 
 run: $(STAMP)
 	$(VENV)/bin/nodemem report
@@ -24,22 +36,29 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict
 	$(VENV)/bin/lint-imports
 
-unit: $(STAMP)
+unit: $(STAMP) $(PROMTOOL)
 	$(PY) -m pytest
 
 test: lint unit
 
 bench: $(STAMP)
 	$(PY) bench/scan.py
+	$(PY) bench/processes.py
 	$(PY) bench/cleanup.py
 	$(PY) bench/exec_latency.py
 	$(PY) bench/controller_scale.py
 	$(PY) bench/agent_load.py
+	$(PY) bench/cli_startup.py
+	$(PY) bench/parsers.py
 
 # The CRDs are generated from the pydantic models; the chart carries the same files.
 crds: $(STAMP)
 	$(VENV)/bin/nodemem crds --output-dir crds
 	$(VENV)/bin/nodemem crds --output-dir charts/nodemem/crds
+
+# docs/api.md's field reference is generated from the same models (tests/unit/test_docs.py).
+docs: $(STAMP)
+	$(PY) tests/api_reference.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

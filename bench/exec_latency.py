@@ -14,14 +14,17 @@ import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 
 from nodemem.api.manifest import load_policies
 from nodemem.host.oom_adj import AdjState
+from nodemem.host.originals import AGENT_FILE, Originals
 from nodemem.host.paths import HostPaths
 from nodemem.host.proc_connector import EventType, LostEvents, ProcConnector
 from nodemem.host.procfs import ProcessUnreadable, list_pids
@@ -84,7 +87,9 @@ def percentiles(latencies_ms: list[float]) -> str:
     return f"p50 {statistics.median(ordered):7.2f} ms  p99 {p99:7.2f} ms  max {ordered[-1]:7.2f} ms"
 
 
-def connector_path(spawner: Spawner, rules: tuple[EffectiveOomRule, ...]) -> dict[int, int]:
+def connector_path(
+    spawner: Spawner, rules: tuple[EffectiveOomRule, ...], originals: Originals | None = None
+) -> dict[int, int]:
     written: dict[int, int] = {}
     with ProcConnector() as connector:
         thread = threading.Thread(target=spawner.run)
@@ -102,13 +107,23 @@ def connector_path(spawner: Spawner, rules: tuple[EffectiveOomRule, ...]) -> dic
                 if event.what is not EventType.EXEC:
                     continue
                 try:
-                    outcome = apply_to_process(PATHS, event.tgid, rules, PODS, dry_run=False)
+                    outcome = apply_to_process(
+                        PATHS, event.tgid, rules, PODS, dry_run=False, originals=originals
+                    )
                 except ProcessUnreadable:
                     continue
                 if outcome is not None and outcome.state == AdjState.ADJUSTED.value:
                     written[event.tgid] = time.monotonic_ns()
         thread.join()
     return written
+
+
+def recording_connector_path(
+    spawner: Spawner, rules: tuple[EffectiveOomRule, ...]
+) -> dict[int, int]:
+    """The agent's path with its undo record on disk: each original appended first."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as state:
+        return connector_path(spawner, rules, Originals(Path(state) / AGENT_FILE))
 
 
 def polling_path(spawner: Spawner, rules: tuple[EffectiveOomRule, ...]) -> dict[int, int]:
@@ -182,6 +197,7 @@ def main() -> int:
     threading.Thread(target=reap, args=(stop,), daemon=True).start()
     print("exec -> oom_score_adj written, 200 exec/s for 10 s:")
     measure("proc connector (agent)", connector_path, "2.1")
+    measure("proc connector + undo rec.", recording_connector_path, "2.3")
     measure("rescan every 1 s (polling)", polling_path, "2.2")
     listener_cpu_share("0.3")
     stop.set()

@@ -48,6 +48,15 @@ def _privileged_gate(request: pytest.FixtureRequest) -> None:
         pytest.fail(f"NODEMEM_REQUIRE_PRIVILEGED=1 but {reason}", pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def _state_dir_of_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`nodemem apply` and the standalone agent record originals in the default state dir:
+    in a test (and the commands it starts) that is the test's own, never /var/lib/nodemem."""
+    state = tmp_path / "nodemem-state"
+    monkeypatch.setenv("NODEMEM_STATE_DIR", str(state))
+    return state
+
+
 def _umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 

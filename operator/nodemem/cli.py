@@ -10,27 +10,19 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import kopf
-from kubernetes import client as k8s
-
-from nodemem.agent.loop import AgentSettings, NodeAgent
-from nodemem.agent.main import ClusterAgentOptions, run_cluster_agent
-from nodemem.agent.metrics import AgentMetrics, CycleMetrics, serve
-from nodemem.agent.policy_file import PolicyFile, read_policy_file
-from nodemem.api.crd import render_crds
-from nodemem.api.manifest import MAX_MANIFEST_BYTES, PolicyError, load_policy_bytes
-from nodemem.controller.operator import Controller, ControllerSettings
+# Each command imports what it uses, in its body: the models (pydantic), YAML, kopf and
+# the kubernetes client (most of a second) are paid for only by the commands that need
+# them, and --help by none. Only the standard library and nodemem.host (stdlib only) come
+# here: ruff's TID253 keeps the rest out (docs/architecture.md#import-rules);
+# bench/cli_startup.py measures the start-up.
 from nodemem.host.meminfo import MeminfoError, read_meminfo
-from nodemem.host.oom_predict import predict_victims
+from nodemem.host.originals import AGENT_FILE, APPLY_FILE, Originals
 from nodemem.host.paths import HostPaths
-from nodemem.host.shmem import scan_node
-from nodemem.kube import kopf_login, load_client_config
-from nodemem.policy.apply import apply_policy
-from nodemem.policy.effective import effective_policy
-from nodemem.policy.pods import PodDirectory, PodsFileError, load_pods_file
-from nodemem.policy.report import apply_report, host_report, oom_preview
-from nodemem.tables import apply_report_text, host_report_text
+
+if TYPE_CHECKING:
+    from nodemem.policy.pods import PodDirectory
 
 EXIT_OK = 0
 EXIT_NOT_APPLIED = 1
@@ -38,6 +30,19 @@ EXIT_INVALID = 2
 
 DEFAULT_STATE_DIR = "/var/lib/nodemem"
 DEFAULT_METRICS_PORT = 8080
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """--state-dir, else $NODEMEM_STATE_DIR, else /var/lib/nodemem."""
+    return Path(args.state_dir or os.environ.get("NODEMEM_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
+def _add_state_dir_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help=f"{what} (default $NODEMEM_STATE_DIR, else {DEFAULT_STATE_DIR})",
+    )
 
 
 def _host_paths(args: argparse.Namespace) -> HostPaths:
@@ -56,6 +61,8 @@ def _add_host_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _pods(args: argparse.Namespace) -> PodDirectory:
+    from nodemem.policy.pods import PodDirectory, PodsFileError, load_pods_file
+
     if not args.pods_file:
         return PodDirectory()
     try:
@@ -94,6 +101,11 @@ def _host_meminfo(args: argparse.Namespace, paths: HostPaths) -> dict[str, int]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from nodemem.host.oom_predict import predict_victims
+    from nodemem.host.shmem import scan_node
+    from nodemem.policy.report import host_report, oom_preview
+    from nodemem.tables import host_report_text
+
     paths = _host_paths(args)
     _host_meminfo(args, paths)
     try:
@@ -103,8 +115,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise
         print(f"nodemem: --oom-cgroup {args.oom_cgroup}: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    oom = oom_preview(paths, prediction, _pods(args))
-    report = host_report(scan_node(paths), top=args.top, oom=oom)
+    pods = _pods(args)
+    oom = oom_preview(paths, prediction, pods)
+    scan = scan_node(paths)
+    processes = None
+    if args.processes is not None:  # imported here: this command's own part, kept together
+        from nodemem.host.smaps import account_processes
+        from nodemem.policy.report import process_summary
+
+        accounting = account_processes(paths, scan.processes)
+        processes = process_summary(paths, accounting, args.processes or args.top, pods)
+    report = host_report(scan, top=args.top, oom=oom, processes=processes)
     for warning in report.warnings:
         print(f"nodemem: warning: {warning}", file=sys.stderr)
     if args.json:
@@ -135,6 +156,14 @@ def _node_labels(text: str) -> dict[str, str]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from nodemem.agent.policy_file import read_policy_file
+    from nodemem.api.manifest import MAX_MANIFEST_BYTES, PolicyError, load_policy_bytes
+    from nodemem.host.shmem import scan_node
+    from nodemem.policy.apply import apply_policy
+    from nodemem.policy.effective import effective_policy
+    from nodemem.policy.report import apply_report
+    from nodemem.tables import apply_report_text
+
     paths = _host_paths(args)
     try:
         if args.file == "-":
@@ -153,6 +182,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     effective = effective_policy(policies, args.node_labels, memory_total)
     cleanups = effective.cleanup if args.run_cleanup else ()
     held_open = scan_node(paths).open_tmpfs_files if cleanups else {}
+    # What it changes is recorded first, for `nodemem restore` (a dry run records nothing).
+    originals = None if args.dry_run else Originals(_state_dir(args) / APPLY_FILE, paths)
     result = apply_policy(
         paths,
         effective,
@@ -160,6 +191,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         cleanups=cleanups,
         held_open=held_open,
         pods=_pods(args),
+        originals=originals,
     )
     report = apply_report(effective, result, dry_run=args.dry_run)
     if args.json:
@@ -169,32 +201,61 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_NOT_APPLIED if result.failed else EXIT_OK
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Put back everything `nodemem apply` and the agent recorded in the state dir."""
+    from nodemem.policy.report import restore_report
+    from nodemem.policy.undo import RestoreResult, restore_all
+    from nodemem.tables import apply_report_text
+
+    paths = _host_paths(args)
+    _host_meminfo(args, paths)
+    state_dir = _state_dir(args)
+    result = RestoreResult()
+    # apply's first: a value it recorded may be one the agent had set, and the agent's
+    # record holds what was there before either.
+    for name in (APPLY_FILE, AGENT_FILE):
+        done = restore_all(paths, Originals(state_dir / name, paths), dry_run=args.dry_run)
+        result.tmpfs += done.tmpfs
+        for outcome in done.oom.outcomes:
+            result.oom.record_restore(outcome)
+    report = restore_report(result, dry_run=args.dry_run)
+    if args.json:
+        print(report.model_dump_json(by_alias=True, indent=2))
+    else:
+        recorded = bool(report.tmpfs or report.oom.restores)
+        heading = f"Originals recorded in {state_dir}" + ("" if recorded else ": none to restore")
+        print(apply_report_text(report, heading=heading))
+    return EXIT_NOT_APPLIED if result.failed else EXIT_OK
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.policy_file is None:
         return _cluster_agent(args)
-    if args.state_dir is not None:
-        print(
-            "nodemem: agent: --state-dir is the cluster agent's (policies from the API kept "
-            "across outages); with --policy-file the file is the state: drop one of them",
-            file=sys.stderr,
-        )
-        return EXIT_INVALID
+    from nodemem.agent.loop import AgentSettings, NodeAgent
+    from nodemem.agent.metrics import AgentMetrics, CycleMetrics, serve
+    from nodemem.agent.policy_file import PolicyFile
+
     paths = _host_paths(args)
-    metrics = AgentMetrics() if args.metrics_port else None
+    metrics = AgentMetrics(args.metrics_top_objects) if args.metrics_port else None
     agent = NodeAgent(
         paths,
         PolicyFile(args.policy_file),
         node_labels=args.node_labels,
         pods=_pods(args),
         settings=AgentSettings(resync_seconds=args.resync, dry_run=args.dry_run),
+        # The policies are the file's; the state dir keeps only the undo record.
+        originals=Originals(_state_dir(args) / AGENT_FILE, paths),
         on_cycle=CycleMetrics(metrics, paths) if metrics is not None else None,
     )
     server = None
     if metrics is not None:
         try:
             server = serve(
-                metrics, args.metrics_port, lambda: agent.state.resyncs > 0, args.metrics_host
+                metrics,
+                args.metrics_port,
+                lambda: agent.state.resyncs > 0,
+                args.metrics_host or "127.0.0.1",  # no cluster: this host's users only
             )
         except OSError as exc:
             print(f"nodemem: agent: cannot serve metrics: {exc.strerror}", file=sys.stderr)
@@ -210,6 +271,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cluster_agent(args: argparse.Namespace) -> int:
+    from nodemem.agent.main import ClusterAgentOptions, run_cluster_agent
+    from nodemem.kube import load_client_config
+
     node = args.node_name or os.environ.get("NODE_NAME")
     if not node:
         print(
@@ -218,11 +282,12 @@ def _cluster_agent(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     options = ClusterAgentOptions(
         node_name=node,
-        state_dir=Path(args.state_dir or DEFAULT_STATE_DIR),
+        state_dir=_state_dir(args),
         metrics_port=DEFAULT_METRICS_PORT
         if args.metrics_port is None
         else args.metrics_port or None,
-        metrics_host=args.metrics_host,
+        metrics_host=args.metrics_host or "0.0.0.0",  # the pod network: probes, Prometheus
+        metrics_top_objects=args.metrics_top_objects,
         resync_seconds=args.resync,
         heartbeat_seconds=args.heartbeat,
         dry_run=args.dry_run,
@@ -236,6 +301,12 @@ def _cluster_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
+    import kopf
+    from kubernetes import client as k8s
+
+    from nodemem.controller.operator import Controller, ControllerSettings
+    from nodemem.kube import kopf_login, load_client_config
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     configuration = load_client_config(args.kubeconfig)
     controller = Controller(
@@ -252,6 +323,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
+    from nodemem.api.crd import render_crds
+
     rendered = render_crds()
     if args.output_dir is None:
         sys.stdout.write("---\n".join(rendered.values()))
@@ -273,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print JSON instead of tables")
     report.add_argument(
         "--top", type=_positive, default=10, metavar="N", help="largest N objects (N >= 1)"
+    )
+    report.add_argument(
+        "--processes",
+        type=_positive,
+        nargs="?",
+        const=0,  # given without N: as many as --top
+        metavar="N",
+        help="also list the N processes with the largest PSS, with RSS, USS and their Shmem "
+        "(/proc/PID/smaps_rollup), and the totals over all processes (N defaults to --top)",
     )
     report.add_argument(
         "--oom-cgroup",
@@ -305,8 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(a path skipped: missing, not on tmpfs, into other mounts; errors; a failed run)",
     )
     apply.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_state_dir_option(apply, "where the values it changes are recorded for `nodemem restore`")
     _add_host_options(apply)
     apply.set_defaults(func=cmd_apply)
+
+    restore = commands.add_parser(
+        "restore",
+        help="put back the tmpfs sizes and oom_score_adj values recorded on this host",
+        description="Writes back every original that `nodemem apply` and the agent recorded "
+        "(stop the agent first: it would apply its policies again). A tmpfs mounted anew, "
+        "or a process whose pid was reused, is never touched. Exit status: 0 everything "
+        "restored (or nothing recorded), 1 a restore was refused or failed (kept, for a "
+        "later run), 2 bad input.",
+    )
+    restore.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    restore.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_state_dir_option(restore, "where the originals were recorded")
+    _add_host_options(restore)
+    restore.set_defaults(func=cmd_restore)
 
     agent = commands.add_parser(
         "agent",
@@ -320,10 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--policy-file", help="NodeMemoryPolicy manifest (YAML): no cluster")
     agent.add_argument("--node-name", help="this node (default: $NODE_NAME)")
     agent.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
-    agent.add_argument(
-        "--state-dir",
-        help="where the policies in force are kept across restarts and API outages "
-        f"(default {DEFAULT_STATE_DIR}; cluster agent only)",
+    _add_state_dir_option(
+        agent,
+        "where the record of originals (for undo) is kept, and in a cluster the policies "
+        "in force across restarts and API outages",
     )
     agent.add_argument(
         "--metrics-port",
@@ -332,7 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_METRICS_PORT} in a cluster, none with --policy-file)",
     )
     agent.add_argument(
-        "--metrics-host", default="0.0.0.0", help="address of the metrics port (default 0.0.0.0)"
+        "--metrics-host",
+        help="address of the metrics port (default: 0.0.0.0 in a cluster, 127.0.0.1 with "
+        "--policy-file; :: for IPv6)",
+    )
+    agent.add_argument(
+        "--metrics-top-objects",
+        type=_positive,
+        default=20,  # metrics.DEFAULT_TOP_OBJECTS (not imported: start-up time)
+        metavar="N",
+        help="export the N largest Shmem objects as nodemem_shmem_object_bytes (default 20)",
     )
     agent.add_argument(
         "--heartbeat",

@@ -6,7 +6,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from nodemem.api.quantity import format_bytes
-from nodemem.api.report import ApplyReport, HostReport
+from nodemem.api.report import ApplyReport, HostReport, ProcessSummary
 
 MAX_CELL = 60
 
@@ -148,6 +148,8 @@ def host_report_text(report: HostReport) -> str:
                 "  WARNING: kernel before 5.9 with negative oom_score_adj: every score <= 0 "
                 "ties at 1 and scan order, not size, picks the victim"
             )
+    if report.processes is not None:
+        out += ["", *_processes_text(report.processes)]
     if report.unreadable_processes:
         out += [
             "",
@@ -161,15 +163,59 @@ def host_report_text(report: HostReport) -> str:
     return "\n".join(out)
 
 
+def _processes_text(summary: ProcessSummary) -> list[str]:
+    total = summary.total
+    rows = [
+        (
+            str(p.pid),
+            p.comm,
+            format_bytes(p.uss_bytes),
+            format_bytes(p.pss_bytes),
+            format_bytes(p.rss_bytes),
+            _size(p.pss_shmem_bytes),
+            p.pod or "",
+        )
+        for p in summary.top
+    ]
+    rows.append(
+        (
+            "",
+            f"total ({total.processes} processes)",
+            format_bytes(total.uss_bytes),
+            format_bytes(total.pss_bytes),
+            format_bytes(total.rss_bytes),
+            format_bytes(total.pss_shmem_bytes),
+            "",
+        )
+    )
+    out = [
+        "Processes by PSS (USS: only theirs, freed when they exit; PSS: shared pages split "
+        "among their users; SHMEM: their PSS share of Shmem):",
+        table(("PID", "COMM", "USS", "PSS", "RSS", "SHMEM", "POD"), rows),
+    ]
+    if summary.unreadable_processes:
+        out += [
+            f"  smaps_rollup not read: {summary.unreadable_processes} (not in the total)",
+            table(
+                ("PID", "COMM", "REASON"),
+                [(str(u.pid), u.comm, u.reason) for u in summary.unreadable],
+                indent="    ",
+            ),
+        ]
+    return out
+
+
 def _size(value: int | None) -> str:
     return "" if value is None else format_bytes(value)
 
 
-def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> str:
+def apply_report_text(
+    report: ApplyReport, *, cleanup_skipped: bool = False, heading: str | None = None
+) -> str:
     policies = ", ".join(f"{p.name} (generation {p.generation})" for p in report.policies)
     out = [
         ("DRY RUN: nothing was changed. " if report.dry_run else "")
-        + f"Policies selecting this node: {policies or 'none'}"
+        + (heading or f"Policies selecting this node: {policies or 'none'}")
     ]
     if report.tmpfs:
         out += [
@@ -179,7 +225,7 @@ def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> 
                 ("PATH", "STATE", "SIZE", "USED", "WANTED", "POLICY", "MESSAGE"),
                 [
                     (
-                        t.path,
+                        t.path if t.pod is None else f"{t.path} ({t.pod})",
                         t.state,
                         _size(t.size_bytes),
                         _size(t.used_bytes),
@@ -221,6 +267,10 @@ def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> 
             ]
             out += [visible(f"  {c.name}: would remove {path}") for path in c.would_remove]
             out += [
+                visible(f"  {c.name}: kept {path} and everything below it: locked (flock)")
+                for path in c.locked
+            ]
+            out += [
                 visible(
                     f"  {c.name}: kept {f.path} ({format_bytes(f.bytes)}), held open by "
                     + ", ".join(f"{p.pid} {p.comm}" for p in f.pids)
@@ -261,4 +311,20 @@ def apply_report_text(report: ApplyReport, *, cleanup_skipped: bool = False) -> 
             visible(f"  {f.rule}: pid {f.pid} {f.comm}: {f.state}: {f.message}")
             for f in oom.failures
         ]
+    out += _restores_text(report)
     return "\n".join(out)
+
+
+def _restores_text(report: ApplyReport) -> list[str]:
+    """Originals put back (undo): processes no rule matches any more."""
+    oom = report.oom
+    if not oom.restores:
+        return []
+    return [
+        "",
+        f"oom_score_adj originals: {oom.restored} restored, {oom.restore_refused} refused",
+        *(
+            visible(f"  pid {r.pid} {r.comm} (rule {r.rule}): {r.state}: {r.message}")
+            for r in oom.restores
+        ),
+    ]

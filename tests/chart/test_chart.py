@@ -49,6 +49,7 @@ DEFAULT_EXTRA_CAPABILITIES = ["DAC_OVERRIDE", "FOWNER"]
 NOT_BUILT_IN = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("kopf.dev/v1", "ClusterKopfPeering"),
 }
 CLUSTER_SCOPED = {
@@ -77,6 +78,13 @@ VARIANTS: dict[str, Obj] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}
     },
     "pod-monitor": {"metrics": {"podMonitor": {"enabled": True}}},
+    # Rules and dashboard against a real agent's series: tests/host/test_monitoring_rules.py.
+    "alerts-and-dashboard": {
+        "metrics": {
+            "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+            "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "nodes"}},
+        }
+    },
     "localhost-seccomp": {
         "agent": {
             "seccompProfile": {"type": "Localhost", "localhostProfile": "nodemem-agent.json"},
@@ -306,6 +314,8 @@ def test_agent_command_line_is_the_documented_one(default: Rendered) -> None:
         "/var/lib/nodemem",
         "--metrics-port",
         "8080",
+        "--metrics-host",
+        "0.0.0.0",
         "--resync",
         "30",
         "--heartbeat",
@@ -544,6 +554,38 @@ def test_pod_monitor_scrapes_the_agent_pods_directly() -> None:
     assert not rendered.all("ServiceMonitor")
 
 
+def test_alerts_and_dashboard_are_off_by_default_and_labelled_when_on(default: Rendered) -> None:
+    assert not default.all("PrometheusRule") and not default.all("ConfigMap")
+    rendered = render(VARIANTS["alerts-and-dashboard"])
+    rule = rendered.one("PrometheusRule", AGENT)
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert alerts == [
+        "NodememShmemUnaccountedGrowing",
+        "NodememTmpfsNearLimit",
+        "NodememTmpfsLimitRefused",
+        "NodememOOMKills",
+    ]
+    dashboard = rendered.one("ConfigMap", f"{RELEASE}-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "nodes"}
+    assert json.loads(dashboard["data"]["nodemem.json"])["uid"] == "nodemem-node-memory"
+    # The sidecar's label and namespace are the installer's to choose.
+    other = render(
+        {
+            "metrics": {
+                "grafanaDashboard": {
+                    "enabled": True,
+                    "labels": {"dash": "yes"},
+                    "namespace": "grafana",
+                }
+            }
+        }
+    ).one("ConfigMap")
+    assert other["metadata"]["namespace"] == "grafana"
+    assert other["metadata"]["labels"]["dash"] == "yes"
+
+
 # --- NOTES ---------------------------------------------------------------------------
 
 
@@ -593,6 +635,9 @@ INVALID_VALUES: dict[str, Obj] = {
     "port zero": {"agent": {"metricsPort": 0}},
     "port above 65535": {"controller": {"healthPort": 70000}},
     "port as text": {"agent": {"metricsPort": "http"}},
+    "metrics host with a space": {"agent": {"metricsHost": "0.0.0.0 --dry-run"}},
+    "tmpfs ratio above 1": {"metrics": {"prometheusRule": {"tmpfsUsedRatio": 1.5}}},
+    "dashboard label that is not text": {"metrics": {"grafanaDashboard": {"labels": {"x": 1}}}},
     "zero replicas": {"controller": {"replicas": 0}},
     "two replicas without peering": {"controller": {"replicas": 2}},
     "capability outside the documented set": {"agent": {"extraCapabilities": ["SYS_MODULE"]}},
@@ -750,6 +795,7 @@ def test_chart_command_lines_are_accepted_by_the_nodemem_cli(variant: str) -> No
     assert (agent.host_root, agent.proc_root) == ("/proc/1/root", "/proc")
     assert agent.state_dir is not None and str(agent.state_dir) == "/var/lib/nodemem"
     assert int(agent.metrics_port) == 8080
+    assert agent.metrics_host == "0.0.0.0"  # the pod's address: probes and Prometheus
     assert float(agent.resync) == 30 and float(agent.heartbeat) == 60
     assert agent.dry_run is (variant == "agent-dry-run")
     controller = parser.parse_args(controller_container(rendered)["args"])

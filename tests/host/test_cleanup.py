@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -29,6 +30,9 @@ from nodemem.host.cleanup import (
 )
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
+from nodemem.host.statx import BirthTime
+from nodemem.policy.apply import CleanupOutcome
+from nodemem.policy.report import cleanup_status
 from samples import exec_done, names, write
 
 pytestmark = pytest.mark.privileged
@@ -496,3 +500,100 @@ def test_a_glob_crossing_into_separate_mounts_is_reported(host: HostPaths, mount
     assert (users / "1000" / "x.log").exists() and (users / "1001" / "x.log").exists()
     # Excluding the mount points says they are meant to be left alone: nothing to report.
     assert [p.state for p in excluded.patterns] == [PatternState.WALKED]
+
+
+# --- conventions of systemd-tmpfiles: birth time, directories locked with flock ----------
+
+
+def test_age_by_btime_is_the_birth_time_statx_reports_on_tmpfs(host: HostPaths) -> None:
+    mnt = host.host("/mnt")
+    born = time.time()
+    written_long_ago = write(mnt / "a.log", age=2 * HOUR)  # mtime 2 h back, born now
+    touched_later = write(mnt / "b.log")
+    os.utime(touched_later, (born + 3 * HOUR,) * 2)  # mtime after the later run below
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ino, btime_ns = BirthTime().ns(fd, "a.log")
+    finally:
+        os.close(fd)
+    kernel = subprocess.run(
+        ["stat", "--format=%i %W", str(written_long_ago)], check=True, capture_output=True
+    )
+    assert (ino, btime_ns // 10**9) == tuple(map(int, kernel.stdout.split()))
+
+    def planned(age: tuple[str, ...], now: float) -> list[str]:
+        spec = CleanupSpec(name="r", paths=("/mnt/*.log",), older_than=timedelta(hours=1), age=age)
+        result = run_cleanup(host, spec, NO_HOLDERS, dry_run=True, now=now)
+        assert result.errors == []
+        return [file.path for file in result.would_remove]
+
+    assert planned(("mtime",), born) == ["/mnt/a.log"]
+    assert planned(("btime",), born) == []  # just born, whatever its mtime says
+    later = born + 2 * HOUR
+    assert sorted(planned(("btime",), later)) == ["/mnt/a.log", "/mnt/b.log"]
+    assert planned(("mtime", "btime"), later) == ["/mnt/a.log"]
+    result = clean(host, "/mnt/*.log", older_than=timedelta(hours=1), age=("btime",))
+    assert result.files_removed == 0 and names(mnt) == {"a.log", "b.log"}
+
+
+# Takes a BSD lock on a directory, says so, and holds it until its stdin closes.
+LOCKER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, getattr(fcntl, sys.argv[2]))
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("lock", ["LOCK_EX", "LOCK_SH"])
+def test_a_directory_a_process_holds_an_flock_on_is_kept_with_its_subtree(
+    host: HostPaths, spawn: Callable[..., subprocess.Popen[bytes]], lock: str
+) -> None:
+    mnt = host.host("/mnt")
+    for name in ("cache/locked/a.log", "cache/locked/deep/b.log", "cache/free/c.log", "d.log"):
+        write(mnt / name, age=2 * HOUR)
+    for directory in ("cache/locked/deep", "cache/locked", "cache/free", "cache"):
+        os.utime(mnt / directory, (time.time() - 2 * HOUR,) * 2)
+    holder = spawn(
+        [sys.executable, "-c", LOCKER, str(mnt / "cache" / "locked"), lock],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline() == b"locked\n"  # the lock is held from here on
+
+    options: dict[str, Any] = {"older_than": timedelta(hours=1), "remove_empty_dirs": True}
+    planned = clean(host, "/mnt/**", dry_run=True, **options)
+    result = clean(host, "/mnt/**", **options)  # returns: the check never waits for the lock
+
+    assert names(mnt) == {"cache/locked/a.log", "cache/locked/deep/b.log"}
+    assert sorted(file.path for file in result.removed) == ["/mnt/cache/free/c.log", "/mnt/d.log"]
+    assert result.dirs_removed == 1  # cache/free; cache still holds the locked directory
+    assert result.locked == planned.locked == ["/mnt/cache/locked"]
+    assert result.state is CleanupState.COMPLETED
+    assert cleanup_status(CleanupOutcome("policy", result)).locked == ["/mnt/cache/locked"]
+    assert holder.poll() is None  # still running, still holding its lock
+
+    holder.stdin.close()  # the lock goes with the process
+    holder.wait(timeout=10)
+    after = clean(host, "/mnt/**", **options)
+    assert after.locked == [] and names(mnt) == set()
+
+
+def test_a_locked_base_keeps_the_whole_pattern(
+    host: HostPaths, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    mnt = host.host("/mnt")
+    write(mnt / "logs" / "sub" / "old.log", age=2 * HOUR)
+    holder = spawn(
+        [sys.executable, "-c", LOCKER, str(mnt / "logs"), "LOCK_EX"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+
+    result = clean(host, "/mnt/logs/**", older_than=timedelta(hours=1))
+
+    assert (result.files_removed, result.locked) == (0, ["/mnt/logs"])
+    assert names(mnt) == {"logs/sub/old.log"}

@@ -1,4 +1,4 @@
-"""A real memory-cgroup OOM, three kills, against predict_victims (kernel-memory.md 5.8).
+"""A real memory-cgroup OOM, three kills, against predict_victims (docs/kernel-facts.md#oom).
 
 A v1 memcg limited to 256 MiB holds five Python processes: A 100 MiB adj 0, B 40 MiB
 adj 100, C 15 MiB adj 300, D 10 MiB adj 900 (each plus the interpreter's ~8 MiB),

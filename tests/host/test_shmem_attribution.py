@@ -1,6 +1,6 @@
 """Every kind of Shmem object this kernel can make is found, named and measured.
 
-Each test creates ~32 MiB of one kind (kernel-memory.md table 1.2), scans, and checks
+Each test creates ~32 MiB of one kind (docs/kernel-facts.md#shmem), scans, and checks
 that the object appears with the right kind and bytes (within 1 %), and that the
 node's unaccounted Shmem moved by less than 1 MiB: found, and not counted twice.
 """

@@ -6,7 +6,7 @@ and keeps from kmock the request model, the DSL for injected reactions
 (``emulator['patch', kmock.resource(...)] << 500`` still works and wins over the
 emulation), discovery, and error rendering. It replaces the object store and the
 request pipeline with what a real API server does and nodemem depends on (see
-``/work/shared/testing-kubernetes.md``):
+``docs/testing.md#the-api-emulator``):
 
 - a global monotonic ``resourceVersion``; ``uid``, ``creationTimestamp``,
   ``generation`` (1 on create, +1 when anything but metadata/status changes, and

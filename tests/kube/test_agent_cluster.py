@@ -300,6 +300,16 @@ def test_restart_with_the_api_down_uses_the_saved_policy(  # noqa: PLR0917 - fix
     wait_until(lambda: adj(pid) == 600, message="saved policy enforced")
 
 
+def listening_address(port: int) -> str | None:
+    """The IPv4 address a socket of this host listens on at `port` (/proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, _, hex_port = local.partition(":")
+        if state == "0A" and int(hex_port, 16) == port:  # TCP_LISTEN
+            return socket.inet_ntoa(bytes.fromhex(address)[::-1])
+    return None
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
     selector = r"\{" + re.escape(label_text) + r"\}" if labels else ""
@@ -344,6 +354,19 @@ def test_metrics_and_health_endpoints(kube, mount_tmpfs, start_agent, processes)
     assert metric(text, "nodemem_scan_duration_seconds") > 0
     for kind in ("tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"):
         assert metric(text, "nodemem_shmem_bytes", kind=kind) >= 0
+    # The series of every mode (issue 12): every tmpfs, its limit's state, the node's parts.
+    dev = f"{os.major(point.stat().st_dev)}:{os.minor(point.stat().st_dev)}"
+    assert metric(text, "nodemem_tmpfs_mount_size_bytes", dev=dev, path=str(point)) == 16 * MiB
+    assert metric(text, "nodemem_tmpfs_mount_used_bytes", dev=dev, path=str(point)) == 0
+    state = re.search(
+        rf'^nodemem_tmpfs_limit_state\{{path="{re.escape(str(point))}",policy="agent-test",'
+        r'state="(Applied|Unchanged)"\} 1\.0$',
+        text,
+        re.M,
+    )
+    assert state, "no Applied/Unchanged limit state"
+    total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024  # MemTotal, first line
+    assert metric(text, "nodemem_memory_bytes", part="total") == total
 
 
 def test_an_unchanged_node_writes_no_status_between_heartbeats(kube, start_agent) -> None:
@@ -450,7 +473,7 @@ def test_agent_command_in_a_cluster_stops_cleanly_on_sigterm(
             "--state-dir",
             str(tmp_path / "state"),
             "--metrics-port",
-            str(free_port()),
+            str(port := free_port()),
         ],
         env={**os.environ, "NODE_NAME": "node-a"},
         stderr=subprocess.PIPE,
@@ -462,6 +485,8 @@ def test_agent_command_in_a_cluster_stops_cleanly_on_sigterm(
             message="report",
             timeout=30,
         )
+        # In a cluster the default address is every interface of the pod (probes).
+        assert listening_address(port) == "0.0.0.0"
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=15) == 0
     finally:

@@ -35,7 +35,8 @@ from nodemem.host.cleanup import (
 )
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder
-from nodemem.policy.apply import ApplyResult, CleanupOutcome
+from nodemem.policy.apply import ApplyResult, CleanupOutcome, cleanup_spec
+from nodemem.policy.effective import EffectiveCleanup
 from nodemem.policy.report import cleanup_status
 from samples import names, write
 
@@ -91,7 +92,7 @@ def removed_paths(result: CleanupResult) -> set[str]:
         ({"paths": ("/run/app/",)}, "names files"),
         ({"paths": ("/run/a\0b",)}, "NUL"),
         ({"paths": ()}, "no paths"),
-        ({"paths": ("/run/*",), "age": ("btime",)}, "age"),
+        ({"paths": ("/run/*",), "age": ("birthtime",)}, "age"),
         ({"paths": ("/run/*",), "age": ()}, "age"),
         ({"paths": ("/run/*",), "older_than": timedelta(seconds=-1)}, "negative"),
         ({"paths": ("/run/*",), "when_usage_above": 1.5}, "0..1"),
@@ -283,7 +284,8 @@ def test_base_on_a_file_is_an_error(host: HostPaths) -> None:
 
 
 class SwapOnLookup(dict[tuple[int, int], Sequence[Holder]]):
-    """Holds nothing; its first lookup (after the walk, before removal) runs `swap`."""
+    """Holds nothing; its first lookup (a watermark rule's: after the walk, before removal)
+    runs `swap`."""
 
     def __init__(self, swap: Callable[[], None]) -> None:
         super().__init__()
@@ -297,8 +299,49 @@ class SwapOnLookup(dict[tuple[int, int], Sequence[Holder]]):
 
 
 def run_with_swap(host: HostPaths, pattern: str, swap: Callable[[], None]) -> CleanupResult:
-    spec = CleanupSpec(name="rule", paths=(pattern,), older_than=timedelta(hours=1))
+    # A watermark rule selects every candidate first and removes them afterwards, oldest
+    # first: the one gap between selecting a file and removing it. (0 %: any use is above.)
+    spec = CleanupSpec(
+        name="rule",
+        paths=(pattern,),
+        older_than=timedelta(hours=1),
+        when_usage_above=0.0,
+        target_usage=0.0,
+    )
     return run_cleanup(host, spec, SwapOnLookup(swap), dry_run=False)
+
+
+class SwapOnListing(dict[tuple[int, int], Sequence[Holder]]):
+    """Holds nothing; read once per superblock when the walk has listed a directory and
+    is about to stat its files: that first read runs `swap`."""
+
+    def __init__(self, swap: Callable[[], None]) -> None:
+        super().__init__()
+        self._swap: Callable[[], None] | None = swap
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self._swap is not None:
+            swap, self._swap = self._swap, None
+            swap()
+        return super().__iter__()
+
+
+def test_without_a_watermark_each_file_is_judged_by_a_stat_taken_just_before_its_unlink(
+    host: HostPaths,
+) -> None:
+    # The directory was listed while a.log was old; a fresh file took its name before the
+    # files were looked at. The old inode is gone, the fresh one is judged on its own.
+    victim = write(host.host("/mnt/a.log"), age=2 * HOUR)
+    fresh = write(host.host("/mnt/fresh.tmp"))
+    other = write(host.host("/mnt/b.log"), age=2 * HOUR)
+    spec = CleanupSpec(name="rule", paths=("/mnt/*.log",), older_than=timedelta(hours=1))
+
+    result = run_cleanup(host, spec, SwapOnListing(lambda: fresh.rename(victim)), dry_run=False)
+
+    assert victim.stat().st_mtime > time.time() - HOUR  # the fresh file, kept
+    assert not other.exists()
+    assert [file.path for file in result.removed] == ["/mnt/b.log"]
+    assert result.errors == []
 
 
 def test_file_replaced_after_the_walk_is_left_alone(host: HostPaths) -> None:
@@ -464,3 +507,33 @@ def test_a_skipped_or_failed_cleanup_is_a_failure_of_its_policy_on_the_node() ->
         "cleanup bad: Failed: boom",
         "cleanup logs: /run/lgos/*: Skipped: /run/lgos does not exist",
     ]
+
+
+def test_a_filesystem_without_birth_times_keeps_every_file_of_a_btime_rule(
+    host: HostPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # statx leaves STATX_BTIME out of stx_mask there (tmpfs on this kernel reports it; the
+    # host test covers that): no data, no removal, and the rule says why.
+    monkeypatch.setattr(
+        cleanup.BirthTime,
+        "ns",
+        lambda self, fd, name: (os.stat(name, dir_fd=fd, follow_symlinks=False).st_ino, None),
+    )
+    for name in ("a.log", "b.log"):
+        write(host.host(f"/mnt/{name}"), age=2 * HOUR)
+
+    result = clean(host, "/mnt/*.log", older_than=timedelta(hours=1), age=("mtime", "btime"))
+    by_mtime = clean(host, "/mnt/*.log", dry_run=True, older_than=timedelta(hours=1))
+
+    assert result.files_removed == 0
+    assert result.errors == ["2 files left alone: their filesystem reports no birth time (btime)"]
+    assert result.state is CleanupState.INCOMPLETE
+    assert len(by_mtime.would_remove) == 2  # old by mtime: kept only for the missing btime
+
+
+def test_btime_is_an_age_timestamp_from_the_model_to_the_engine() -> None:
+    policy = validate_policy(_policy_with_cleanup(age=["btime", "mtime"]))
+    [rule] = policy.spec.cleanup
+    item = EffectiveCleanup(item=rule, dry_run=False, policy="p", generation=1)
+
+    assert cleanup_spec(item).age == ("btime", "mtime")

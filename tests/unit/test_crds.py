@@ -110,11 +110,13 @@ def test_crd_identity(crd: dict[str, Any], kind: str, short_name: str) -> None:
 def test_list_items_merge_by_their_keys() -> None:
     spec = _schema(policy_crd())["properties"]["spec"]["properties"]
     keys = {
-        name: (spec[name]["x-kubernetes-list-type"], spec[name]["x-kubernetes-list-map-keys"])
+        name: (spec[name]["x-kubernetes-list-type"], spec[name].get("x-kubernetes-list-map-keys"))
         for name in ("tmpfs", "cleanup", "oom")
     }
     assert keys == {
-        "tmpfs": ("map", ["path"]),
+        # podShm items have no path, and a map key must be required: unique paths are a
+        # CEL rule on the spec instead.
+        "tmpfs": ("atomic", None),
         "cleanup": ("map", ["name"]),
         "oom": ("map", ["name"]),
     }

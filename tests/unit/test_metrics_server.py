@@ -1,11 +1,16 @@
 """The agent's metrics port: endpoints, and the bounds that keep a flood harmless;
-the standalone agent's refusal of the cluster agent's --state-dir."""
+the standalone agent's --state-dir (the record of originals only)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,10 +18,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from nodemem.agent.metrics import AgentMetrics, MetricsServer, serve
-from nodemem.cli import main
 
 Start = Callable[..., MetricsServer]
 
@@ -182,14 +187,44 @@ def test_shutdown_is_prompt_with_connections_open(start: Start, clients: ExitSta
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 
-def test_state_dir_with_a_policy_file_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("")
-    args = ["agent", "--policy-file", str(policy), "--state-dir", str(tmp_path / "state")]
-    assert main(args) == 2
-    error = capsys.readouterr().err
-    assert "--state-dir is the cluster agent's" in error
-    assert "--policy-file" in error
-    assert not (tmp_path / "state").exists()
+def test_state_dir_with_a_policy_file_keeps_the_undo_record(tmp_path: Path) -> None:
+    """With --policy-file the state dir holds only the originals (the file is the
+    policies): an adj the policy raised is recorded there, and put back when the rule
+    leaves the file. Raising a child's oom_score_adj needs no privilege."""
+    token = f"{secrets.randbelow(10**6) + 10**6}.9"
+    rule = {"name": "r", "match": {"cmdline": token}, "oomScoreAdj": 500}
+    document = {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryPolicy",
+        "metadata": {"name": "state-dir-test"},
+        "spec": {"oom": [rule]},
+    }
+    policy, state = tmp_path / "policy.yaml", tmp_path / "state"
+    policy.write_text(yaml.safe_dump(document))
+    child = subprocess.Popen(["sleep", token])
+    command = [sys.executable, "-m", "nodemem.cli", "agent", "--policy-file", str(policy)]
+    agent = subprocess.Popen(
+        [*command, "--state-dir", str(state), "--resync", "0.1", "--metrics-port", "0"],
+        stderr=subprocess.DEVNULL,
+    )
+    adj = Path(f"/proc/{child.pid}/oom_score_adj")
+    try:
+        _wait(lambda: adj.read_text().strip() == "500")
+        assert f'"pid": {child.pid}' in (state / "originals-agent.jsonl").read_text()
+        assert not (state / "policies.yaml").exists()
+        document["spec"] = {"oom": []}
+        (tmp_path / "edit.yaml").write_text(yaml.safe_dump(document))
+        os.replace(tmp_path / "edit.yaml", policy)
+        _wait(lambda: adj.read_text().strip() == "0")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=10) == 0
+        child.kill()
+        child.wait()
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)

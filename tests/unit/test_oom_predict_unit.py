@@ -1,4 +1,4 @@
-"""The badness formula against the measured memcg experiment (kernel-memory.md 5.8),
+"""The badness formula against the measured memcg experiment (docs/kernel-facts.md#oom),
 exclusions and ordering on a fake /proc, cgroup limits on a fake cgroup tree."""
 
 from __future__ import annotations

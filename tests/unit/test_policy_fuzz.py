@@ -388,7 +388,7 @@ def bad_percent(manifest: Manifest, draw: Draw) -> None:
 
 
 def bad_age(manifest: Manifest, draw: Draw) -> None:
-    bad = draw(st.sampled_from([[], ["btime"], ["mtime", "mtime"], "mtime", [None]]))
+    bad = draw(st.sampled_from([[], ["birth"], ["mtime", "mtime"], "mtime", [None]]))
     some_item(manifest, draw, "cleanup")["age"] = bad
 
 

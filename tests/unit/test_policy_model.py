@@ -218,7 +218,7 @@ def test_good_schedules(schedule: str) -> None:
         ({"olderThan": "-1h"}, "spec.cleanup[0].olderThan: invalid duration"),
         ({"olderThan": "1h", "age": []}, "spec.cleanup[0].age: List should have at least 1"),
         ({"olderThan": "1h", "age": ["mtime", "mtime"]}, "spec.cleanup[0].age: lists a timestamp"),
-        ({"olderThan": "1h", "age": ["btime"]}, "spec.cleanup[0].age[0]: Input should be 'atime'"),
+        ({"olderThan": "1h", "age": ["birth"]}, "spec.cleanup[0].age[0]: Input should be 'atime'"),
         ({"olderThan": "1h", "targetUsage": "50%"}, "spec.cleanup[0].targetUsage: needs whenUsage"),
         ({"whenUsageAbove": "80"}, "spec.cleanup[0].whenUsageAbove: invalid percent '80'"),
         ({"whenUsageAbove": 80}, "spec.cleanup[0].whenUsageAbove: expected a percent"),

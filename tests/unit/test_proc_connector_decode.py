@@ -1,4 +1,4 @@
-"""Decoding hand-built proc connector datagrams (kernel-memory.md 6.1 layout)."""
+"""Decoding hand-built proc connector datagrams (layout: docs/kernel-facts.md#proc-connector)."""
 
 from __future__ import annotations
 

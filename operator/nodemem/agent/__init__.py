@@ -1,1 +1,1 @@
-"""agent layer; see design.md."""
+"""agent layer; see docs/architecture.md#layers."""

@@ -42,6 +42,9 @@ class ClusterPolicies:
 
     Until the API answers, the saved policies are in force (an outage or a restart
     must not lift the limits). Invalid policies are skipped: the controller reports them.
+    `confirmed` is set by the first authoritative LIST (`replace_all`): before it the set
+    in force may be stale or partial (saved, or some watch events only), and nothing is
+    undone on its account.
     """
 
     def __init__(self, state_dir: StateDir | None) -> None:
@@ -50,6 +53,7 @@ class ClusterPolicies:
         self._objects: dict[str, NodeMemoryPolicy] = {}
         saved = state_dir.load_policies() if state_dir else None
         self._changed = True  # the first call answers: saved policies, or none yet
+        self.confirmed = threading.Event()
         if saved:
             self._objects = {p.name: p for p in saved}
             log.info("loaded saved policies: %s", ", ".join(self._objects) or "none")
@@ -80,9 +84,16 @@ class ClusterPolicies:
                 continue
             policies[policy.name] = policy
         with self._lock:
-            if policies != self._objects:
+            # The first LIST also makes the agent resync at once: undo may act now.
+            if policies != self._objects or not self.confirmed.is_set():
                 self._objects = policies
                 self._changed = True
+            self.confirmed.set()
+
+    def settled(self) -> bool:
+        """Confirmed by the API, and no change waiting for the agent to take it."""
+        with self._lock:
+            return self.confirmed.is_set() and not self._changed
 
     def __call__(self) -> Sequence[NodeMemoryPolicy] | None:
         with self._lock:
@@ -152,7 +163,8 @@ class RawApiError(Exception):
 
 class RawApi:
     """JSON requests to the core API, without the client's generated models: importing
-    CoreV1Api loads ~250 model modules, +21 MiB of RSS in an agent on every node."""
+    CoreV1Api loads hundreds of model modules, MiBs of RSS in an agent on every node
+    (README, Performance: bench/agent_load.py)."""
 
     def __init__(self, api_client: k8s.ApiClient) -> None:
         self.api_client = api_client

@@ -18,8 +18,11 @@ from datetime import UTC, datetime
 from nodemem.api.policy import NodeMemoryPolicy
 from nodemem.api.report import CleanupStatus
 from nodemem.host.cleanup import CleanupResult
+from nodemem.host.identity import read_pod_cgroup
 from nodemem.host.meminfo import read_meminfo
+from nodemem.host.originals import Originals
 from nodemem.host.paths import HostPaths
+from nodemem.host.pod_shm import mount_namespace
 from nodemem.host.proc_connector import (
     EventType,
     LostEvents,
@@ -28,12 +31,21 @@ from nodemem.host.proc_connector import (
 )
 from nodemem.host.procfs import ProcessGone, ProcessUnreadable, list_pids, start_time
 from nodemem.host.shmem import scan_node
-from nodemem.policy.apply import ApplyResult, CleanupOutcome, apply_cleanups, apply_tmpfs
-from nodemem.policy.effective import EffectivePolicy, effective_policy
+from nodemem.host.tmpfs_limits import host_namespace_pid
+from nodemem.policy.apply import (
+    ApplyResult,
+    CleanupOutcome,
+    TmpfsOutcome,
+    apply_cleanups,
+    apply_tmpfs,
+)
+from nodemem.policy.effective import EffectivePolicy, EffectiveTmpfs, effective_policy
 from nodemem.policy.oom import OomOutcome, OomResult, apply_to_process
+from nodemem.policy.pod_shm import PodShmTargets, selects_pod
 from nodemem.policy.pods import PodDirectory
 from nodemem.policy.report import cleanup_status
 from nodemem.policy.schedule import CleanupClock
+from nodemem.policy.undo import held_superblocks, restore_adj, restore_tmpfs
 
 log = logging.getLogger("nodemem.agent")
 
@@ -80,8 +92,19 @@ class NodeAgent:
         settings: AgentSettings | None = None,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_cycle: Callable[[NodeAgent], None] | None = None,
+        originals: Originals | None = None,
+        restore_allowed: Callable[[], bool] = lambda: True,
     ) -> None:
         self.paths = paths
+        # What the policies changed, as it was: written back when no item holds a target
+        # any more, at resync, if `restore_allowed` (the cluster agent: once the API told
+        # the policies, the node and the pods; saved ones in an outage never undo).
+        self.originals = originals if originals is not None else Originals(None, paths)
+        self.restore_allowed = restore_allowed
+        # The last full oom pass: each process seen (pid -> start time), and which of them
+        # a rule matched; a recorded process outside `matched` is restored.
+        self._oom_seen: dict[int, int] = {}
+        self._oom_matched: set[int] = set()
         self.policies = policies
         self.node_labels = node_labels or {}
         self._labels_changed = False
@@ -91,6 +114,10 @@ class NodeAgent:
         self._settled: dict[int, tuple[int, OomOutcome | None]] = {}
         self._settled_for = -1  # the inputs version the settled outcomes were computed for
         self._pods = pods or PodDirectory()
+        # podShm items at exec: (pod UID, superblock dev) sized or passed over, and (pod
+        # UID, mount namespace inode) looked at, since the last resync (which refills them).
+        self._shm_done: set[tuple[str, int]] = set()
+        self._shm_namespaces: set[tuple[str, int]] = set()
         self._inputs_version = 0  # bumped when the policy or the pods change
         self.settings = settings or AgentSettings()
         self.state = AgentState()
@@ -182,10 +209,19 @@ class NodeAgent:
                 self._settled.pop(event.tgid, None)  # a new program: a new identity
             if event.what is EventType.EXEC and effective is not None and effective.oom:
                 outcome = apply_to_process(
-                    self.paths, event.tgid, effective.oom, self.pods, dry_run=self.settings.dry_run
+                    self.paths,
+                    event.tgid,
+                    effective.oom,
+                    self.pods,
+                    dry_run=self.settings.dry_run,
+                    originals=self._recording(),
                 )
                 if outcome is not None:
                     self.state.exec_oom.record(outcome)
+            if event.what is EventType.EXEC and effective is not None:
+                pod_shm = [item for item in effective.tmpfs if item.item.pod_shm]
+                if pod_shm:
+                    self._size_pod_shm(event.tgid, pod_shm)
 
     # -- steps ------------------------------------------------------------------------
 
@@ -213,11 +249,27 @@ class NodeAgent:
         if effective is None:
             return
         result = ApplyResult()
+        pod_shm = PodShmTargets(self.paths, self.pods)
         result.tmpfs = apply_tmpfs(
-            self.paths, effective.tmpfs, dry_run=self.settings.dry_run, pods=self.pods
+            self.paths,
+            effective.tmpfs,
+            dry_run=self.settings.dry_run,
+            pods=self.pods,
+            originals=self._recording(),
+            pod_shm=pod_shm,
         )
+        self._shm_done.clear()
+        self._shm_namespaces.clear()
+        self._note_pod_shm(pod_shm)
         full = self.state.resyncs % max(1, self.settings.full_oom_rescan_every) == 0
         result.oom = self._apply_oom_everywhere(full=full)
+        if (
+            self._recording() is not None
+            and self.originals
+            and not self._labels_changed  # re-selected at the next poll: undo then
+            and self.restore_allowed()
+        ):
+            self._restore_released(result)
         self.state.last_apply = result
         self.state.resyncs += 1
         for outcome in result.tmpfs:
@@ -226,6 +278,78 @@ class NodeAgent:
             )
         log.info("oom rules: %d matched, states %s", result.oom.matched, dict(result.oom.states))
         self._cycle_done()
+
+    def _size_pod_shm(self, pid: int, items: Sequence[EffectiveTmpfs]) -> None:
+        """A new process of a pod that a podShm item selects: size the pod's /dev/shm,
+        once per superblock (the other containers of the pod show the same one).
+
+        Cheap for every other exec: one cgroup read, and for a pod's process one stat of
+        its mount namespace; a namespace already looked at is not read again. A pod the
+        directory does not know yet (the API told it late) waits for its next exec or
+        the resync.
+        """
+        try:
+            uid = read_pod_cgroup(self.paths, pid).pod_uid
+            pod = self.pods.get(uid)
+            if uid is None or pod is None:
+                return
+            namespace = mount_namespace(self.paths, pid)
+            host = mount_namespace(self.paths, host_namespace_pid(self.paths))
+        except (ProcessGone, ProcessUnreadable, OSError):
+            return
+        # The host's namespace: a runtime's helper (runc init, conmon), not a container yet.
+        if namespace == host or (uid, namespace) in self._shm_namespaces:
+            return
+        if not any(item.item.pods and selects_pod(item.item.pods, pod) for item in items):
+            return
+        shm = PodShmTargets(self.paths, self.pods, pids=[pid], done=self._shm_done)
+        outcomes = apply_tmpfs(
+            self.paths,
+            items,
+            dry_run=self.settings.dry_run,
+            pods=self.pods,
+            originals=self._recording(),
+            pod_shm=shm,
+        )
+        self._note_pod_shm(shm)
+        rows = [outcome for outcome in outcomes if outcome.pod is not None]
+        for outcome in rows:
+            log.info(
+                "tmpfs %s of pod %s (new process %d): %s %s",
+                outcome.result.path,
+                outcome.pod,
+                pid,
+                outcome.result.state,
+                outcome.result.message,
+            )
+        if rows and self.state.last_apply is not None:
+            self.state.last_apply.tmpfs = _merge_pod_rows(self.state.last_apply.tmpfs, rows)
+            self._cycle_done()
+
+    def _note_pod_shm(self, shm: PodShmTargets) -> None:
+        """Remember the pods' /dev/shm an apply handled, so that exec events skip them."""
+        for entry in shm.looked_at:
+            if not entry.settled or entry.dev is None:
+                continue  # looked at again at the next exec in that namespace
+            key = (entry.pod_uid, entry.dev)
+            if entry in shm.selected_any or key in self._shm_done:
+                self._shm_done.add(key)
+                self._shm_namespaces.add((entry.pod_uid, entry.namespace))
+
+    def _recording(self) -> Originals | None:
+        return None if self.settings.dry_run else self.originals
+
+    def _restore_released(self, result: ApplyResult) -> None:
+        """Write back the originals of what no item holds now (a record's target that
+        another item holds is handed over: its first original stays recorded)."""
+        held = held_superblocks(outcome.target for outcome in result.tmpfs)
+        result.tmpfs += restore_tmpfs(self.paths, self.originals, keep=lambda k: k.dev in held)
+        restore_adj(
+            self.paths,
+            self.originals,
+            result.oom,
+            keep=lambda o: self._oom_seen.get(o.pid) == o.start and o.pid in self._oom_matched,
+        )
 
     def _cycle_done(self) -> None:
         if self.on_cycle is not None:
@@ -238,6 +362,7 @@ class NodeAgent:
         """Apply the oom rules to every process; re-read only new ones when exec events
         keep the others current (see AgentSettings.full_oom_rescan_every)."""
         effective = self.state.effective
+        self._oom_seen, self._oom_matched = {}, set()
         if effective is None or not effective.oom:
             return OomResult()
         version = self._inputs_version
@@ -252,10 +377,12 @@ class NodeAgent:
             except (ProcessGone, ProcessUnreadable):
                 continue
             seen.add(pid)
+            self._oom_seen[pid] = started
             cached = self._settled.get(pid)
             if cached is not None and cached[0] == started:
                 outcome = cached[1]
                 if outcome is not None:
+                    self._oom_matched.add(pid)
                     result.record(_as_settled(outcome))
                 continue
             try:
@@ -266,13 +393,16 @@ class NodeAgent:
                     self.pods,
                     dry_run=self.settings.dry_run,
                     started=started,
+                    originals=self._recording(),
                 )
             except ProcessUnreadable:
                 result.unreadable += 1
+                self._oom_matched.add(pid)  # unknown: not restored on a guess
                 continue
             if outcome is None or outcome.state in _SETTLED:
                 self._settled[pid] = (started, outcome)
             if outcome is not None:
+                self._oom_matched.add(pid)
                 result.record(outcome)
         for pid in self._settled.keys() - seen:
             del self._settled[pid]
@@ -328,6 +458,20 @@ class NodeAgent:
         if self.state.last_apply is not None:
             self.state.last_apply.cleanup = outcomes
         self._cycle_done()
+
+
+def _merge_pod_rows(rows: list[TmpfsOutcome], new: list[TmpfsOutcome]) -> list[TmpfsOutcome]:
+    """The last resync's tmpfs rows with a pod's rows from an exec event: they replace
+    that pod's rows, and the "no selected pod" row of their item's policy."""
+    replaced = {(o.policy, o.pattern, o.pod) for o in new}
+    emptied = {(o.policy, o.pattern, None) for o in new}
+    kept = [
+        o
+        for o in rows
+        if (o.policy, o.pattern, o.pod) not in replaced
+        and not ((o.policy, o.pattern, o.pod) in emptied and o.target is None)
+    ]
+    return kept + new
 
 
 def _as_settled(outcome: OomOutcome) -> OomOutcome:

@@ -24,11 +24,13 @@ from nodemem.agent.cluster import (
     run_policy_feed,
 )
 from nodemem.agent.loop import AgentSettings, NodeAgent
-from nodemem.agent.metrics import AgentMetrics, CycleMetrics, serve
+from nodemem.agent.metrics import DEFAULT_TOP_OBJECTS, AgentMetrics, CycleMetrics, serve
 from nodemem.agent.state_dir import StateDir
 from nodemem.api.status import NodeMemoryReportStatus
+from nodemem.host.originals import AGENT_FILE, Originals
 from nodemem.host.paths import HostPaths
 from nodemem.kube import kopf_login
+from nodemem.policy.pods import PodDirectory
 from nodemem.policy.report import node_report_status
 
 log = logging.getLogger("nodemem.agent")
@@ -44,6 +46,7 @@ class ClusterAgentOptions:
     dry_run: bool = False
     paths: HostPaths = field(default_factory=HostPaths)
     metrics_host: str = "0.0.0.0"
+    metrics_top_objects: int = DEFAULT_TOP_OBJECTS
     poll_seconds: float = 1.0  # how soon a policy or node label change is acted on
     wall_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))  # cron
 
@@ -71,7 +74,7 @@ class Reporter:
 
     def _post_events(self, status: NodeMemoryReportStatus, before: Mapping[str, str]) -> None:
         for item in status.tmpfs:
-            if item.state in ("Refused", "Failed"):
+            if item.state in ("Refused", "Failed", "RestoreRefused"):
                 self.writer.event(f"Tmpfs{item.state}", f"{item.path}: {item.message}")
         if status.oom is not None:
             for failure in status.oom.failures:
@@ -105,9 +108,13 @@ class ClusterAgent:
         self.configuration = configuration
         self.stop = stop or threading.Event()
         self.api_client = k8s.ApiClient(configuration)
-        self.metrics = AgentMetrics()
+        self.metrics = AgentMetrics(options.metrics_top_objects)
         self.state_dir = StateDir(options.state_dir)
         self.policies = ClusterPolicies(self.state_dir)
+        # Set by the first answer of each watch: until then the node's labels and pods
+        # are the saved ones, or none, and a target they no longer select is not undone.
+        self.node_seen = threading.Event()
+        self.pods_listed = threading.Event()
         self.writer = ReportWriter(
             self.api_client,
             options.node_name,
@@ -125,7 +132,13 @@ class ClusterAgent:
             ),
             on_cycle=Reporter(self.writer, self.metrics, options.paths),
             wall_clock=options.wall_clock,
+            originals=Originals(options.state_dir / AGENT_FILE, options.paths),
+            restore_allowed=self.restore_allowed,
         )
+
+    def restore_allowed(self) -> bool:
+        """Undo only on what the API said: an outage keeps the saved state in force."""
+        return self.policies.settled() and self.node_seen.is_set() and self.pods_listed.is_set()
 
     def run(self) -> None:
         options, agent, stop = self.options, self.agent, self.stop
@@ -133,6 +146,7 @@ class ClusterAgent:
 
         def node_labels(labels: dict[str, str]) -> None:
             agent.set_node_labels(labels)
+            self.node_seen.set()
             try:
                 self.state_dir.save_node_labels(labels)
             except OSError as exc:
@@ -141,9 +155,12 @@ class ClusterAgent:
         own_node = OwnNode(core, options.node_name, node_labels)
         self.writer.node_uid = lambda: own_node.uid
         own_node.run(stop, self.metrics)
-        OwnPods(core, options.node_name, lambda pods: setattr(agent, "pods", pods)).run(
-            stop, self.metrics
-        )
+
+        def pods(directory: PodDirectory) -> None:
+            agent.pods = directory
+            self.pods_listed.set()
+
+        OwnPods(core, options.node_name, pods).run(stop, self.metrics)
         threading.Thread(
             target=_list_policies_once,
             args=(self.api_client, self.policies, stop, self.metrics),

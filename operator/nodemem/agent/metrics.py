@@ -1,10 +1,27 @@
 """Prometheus metrics and the health endpoints of the agent, on one port.
 
 Series (all gauges reflect the last cycle; counters accumulate since start):
+  nodemem_memory_bytes{part}                /proc/meminfo and the process table: total,
+                                            available, shmem, slabReclaimable,
+                                            slabUnreclaimable, kernelStack, pageTables,
+                                            vmallocUsed, processRss (sum of VmRSS)
   nodemem_shmem_bytes{kind}                 Shmem attributed by kind
   nodemem_shmem_unaccounted_bytes           Shmem in no known object
-  nodemem_tmpfs_size_bytes{path}            tmpfs limit in force
-  nodemem_tmpfs_used_bytes{path}            tmpfs use
+  nodemem_shmem_object_bytes{kind,name,pod} the --metrics-top-objects largest objects
+                                            (same kind, name and pod summed)
+  nodemem_deleted_open_bytes                unlinked tmpfs files still held open
+  nodemem_orphan_sysv_segments              SysV segments attached nowhere (nattch 0)
+  nodemem_orphan_sysv_bytes                 their bytes
+  nodemem_tmpfs_mounts                      measured tmpfs superblocks (all of them)
+  nodemem_tmpfs_mount_size_bytes{path,dev}  size limit of each (0: unlimited), the
+  nodemem_tmpfs_mount_used_bytes{path,dev}  use of each: the MAX_TMPFS_MOUNTS most used
+  nodemem_tmpfs_size_bytes{path}            tmpfs limit in force (mounts a policy names)
+  nodemem_tmpfs_used_bytes{path}            tmpfs use (mounts a policy names)
+  nodemem_tmpfs_limit_state{path,policy,state}  1 per policy item and mount: Applied,
+                                            Unchanged, Planned, Refused, Failed, ...
+  nodemem_oom_kills_total                   the kernel's OOM kills since boot (vmstat)
+  nodemem_memory_pressure_seconds_total{kind}  PSI memory stall time, some/full
+                                            (absent where the kernel has no PSI)
   nodemem_cleanup_freed_bytes_total{rule}   bytes removed by cleanups
   nodemem_cleanup_held_open_files{rule}     files kept because a process holds them
   nodemem_oom_adjustments_total{rule}       oom_score_adj writes
@@ -30,13 +47,17 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from nodemem.api.report import ApplyReport, HostReport
+from nodemem.api.report import ApplyReport, HostReport, printable
+from nodemem.host.mounts import dev_string
 from nodemem.host.oom_predict import predict_victims
 from nodemem.host.paths import HostPaths
-from nodemem.host.shmem import ShmemTracker
+from nodemem.host.shmem import NodeScan, ShmemTracker
+from nodemem.host.vmstat import read_memory_pressure, read_oom_kills
 from nodemem.policy.apply import ApplyResult
 from nodemem.policy.effective import EffectivePolicy
+from nodemem.policy.pods import PodDirectory
 from nodemem.policy.report import apply_report, host_report, oom_preview
 
 if TYPE_CHECKING:
@@ -44,11 +65,70 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nodemem.agent.metrics")
 
+# Cardinality bounds: a node may have thousands of tmpfs mounts (a projected-token tmpfs
+# per pod, a /dev/shm per container) and any number of Shmem objects. Label values are
+# names chosen by anyone who can create a file, mount or memfd: made valid UTF-8 and
+# cut to MAX_LABEL_CHARS (prometheus_client escapes quotes, backslashes and newlines).
+DEFAULT_TOP_OBJECTS = 20
+MAX_TMPFS_MOUNTS = 200
+MAX_LABEL_CHARS = 512
+MEMORY_PARTS = {  # nodemem_memory_bytes{part}: the MemorySummary field behind each part
+    "total": "total_bytes",
+    "available": "available_bytes",
+    "shmem": "shmem_bytes",
+    "slabReclaimable": "slab_reclaimable_bytes",
+    "slabUnreclaimable": "slab_unreclaimable_bytes",
+    "kernelStack": "kernel_stack_bytes",
+    "pageTables": "page_tables_bytes",
+    "vmallocUsed": "vmalloc_used_bytes",
+    "processRss": "process_rss_bytes",
+}
+
+
+def label(text: str) -> str:
+    """A host-chosen name as a label value: valid UTF-8, at most MAX_LABEL_CHARS."""
+    text = printable(text)
+    return text if len(text) <= MAX_LABEL_CHARS else text[: MAX_LABEL_CHARS - 1] + "\u2026"
+
+
+class _Snapshot:
+    """Series whose label sets come and go (mounts, objects, states), replaced whole every
+    cycle: a series that is gone is gone from the next scrape, and a scrape never sees
+    half of a cycle (the list is swapped in one assignment)."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
 
 class AgentMetrics:
-    def __init__(self) -> None:
+    def __init__(self, top_objects: int = DEFAULT_TOP_OBJECTS) -> None:
+        self.top_objects = top_objects
         self.registry = CollectorRegistry()
         r = self.registry
+        self.memory = Gauge(
+            "nodemem_memory_bytes", "Where the node's memory is, by part", ["part"], registry=r
+        )
+        self.deleted_open = Gauge(
+            "nodemem_deleted_open_bytes",
+            "Unlinked tmpfs files still held open or mapped (inside their tmpfs's use)",
+            registry=r,
+        )
+        self.orphan_segments = Gauge(
+            "nodemem_orphan_sysv_segments", "SysV segments attached nowhere (nattch 0)", registry=r
+        )
+        self.orphan_bytes = Gauge(
+            "nodemem_orphan_sysv_bytes", "Bytes of SysV segments attached nowhere", registry=r
+        )
+        self.tmpfs_mounts = Gauge(
+            "nodemem_tmpfs_mounts", "tmpfs superblocks measured (series: the most used)", registry=r
+        )
+        self._scan_series = _Snapshot()
+        self._apply_series = _Snapshot()
+        r.register(self._scan_series)
+        r.register(self._apply_series)
         self.shmem = Gauge("nodemem_shmem_bytes", "Shmem attributed, by kind", ["kind"], registry=r)
         self.unaccounted = Gauge(
             "nodemem_shmem_unaccounted_bytes", "Shmem in no known object", registry=r
@@ -84,8 +164,90 @@ class AgentMetrics:
             self.shmem.labels(kind=kind).set(value)
         self.unaccounted.set(report.shmem.unaccounted_bytes)
         self.scan_duration.set(scan_seconds)
+        for part, attribute in MEMORY_PARTS.items():
+            self.memory.labels(part=part).set(getattr(report.memory, attribute))
+
+    def observe_scan(
+        self, scan: NodeScan, pods: PodDirectory, paths: HostPaths | None = None
+    ) -> None:
+        """The per-mount and per-object series, and the kernel's own counters."""
+        shmem = scan.shmem
+        self.deleted_open.set(sum(entry.bytes for entry in shmem.deleted_open_files))
+        orphans = [obj for obj in shmem.objects if obj.orphan]
+        self.orphan_segments.set(len(orphans))
+        self.orphan_bytes.set(sum(obj.bytes for obj in orphans))
+        self.tmpfs_mounts.set(len(scan.tmpfs_mounts))
+
+        def pod_name(uid: str | None) -> str:
+            pod = pods.get(uid)
+            return f"{pod.namespace}/{pod.name}" if pod else uid or ""
+
+        size = GaugeMetricFamily(
+            "nodemem_tmpfs_mount_size_bytes",
+            f"tmpfs size limit (0: unlimited), the {MAX_TMPFS_MOUNTS} most used mounts",
+            labels=["path", "dev"],
+        )
+        used = GaugeMetricFamily(
+            "nodemem_tmpfs_mount_used_bytes",
+            f"tmpfs use, the {MAX_TMPFS_MOUNTS} most used mounts",
+            labels=["path", "dev"],
+        )
+        # dev keeps apart superblocks of one name (every container's /dev/shm).
+        ranked = sorted(scan.tmpfs_mounts, key=lambda m: (-m.used, m.name, m.dev))
+        for mount in ranked[:MAX_TMPFS_MOUNTS]:
+            labels = [label(mount.name), dev_string(mount.dev)]
+            size.add_metric(labels, mount.size)
+            used.add_metric(labels, mount.used)
+        # Objects of one kind and name in one pod are summed (every /dev/zero mapping,
+        # a name cut short): one series each, never a duplicate.
+        summed: Tally[tuple[str, str, str]] = Tally()
+        for obj in shmem.objects:
+            summed[(obj.kind, label(obj.name), label(pod_name(obj.pod)))] += obj.bytes
+        objects = GaugeMetricFamily(
+            "nodemem_shmem_object_bytes",
+            f"The {self.top_objects} largest Shmem objects",
+            labels=["kind", "name", "pod"],
+        )
+        for key, value in sorted(summed.items(), key=lambda kv: (-kv[1], kv[0])):
+            if len(objects.samples) >= self.top_objects:
+                break
+            objects.add_metric(list(key), value)
+        families: list[Metric] = [size, used, objects]
+        oom_kills = read_oom_kills(paths) if paths is not None else None
+        if oom_kills is not None:
+            families.append(
+                CounterMetricFamily(
+                    "nodemem_oom_kills", "OOM kills since boot (/proc/vmstat)", value=oom_kills
+                )
+            )
+        pressure = read_memory_pressure(paths) if paths is not None else None
+        if pressure is not None:
+            stalls = CounterMetricFamily(
+                "nodemem_memory_pressure_seconds",
+                "Time tasks stalled on memory since boot (PSI: some, full)",
+                labels=["kind"],
+            )
+            for kind, seconds in sorted(pressure.items()):
+                stalls.add_metric([kind], seconds)
+            families.append(stalls)
+        self._scan_series.families = families
 
     def observe_apply(self, report: ApplyReport) -> None:
+        states = GaugeMetricFamily(
+            "nodemem_tmpfs_limit_state",
+            "1 for the state of each policy tmpfs item on each mount it resolves to",
+            labels=["path", "policy", "state"],
+        )
+        # One state per mount and policy: two items of one policy on one mount show the
+        # winner's (the other is Overridden).
+        by_mount: dict[tuple[str, str], str] = {}
+        for item in report.tmpfs:
+            key = (label(item.path), label(item.policy))
+            if by_mount.get(key, "Overridden") == "Overridden":
+                by_mount[key] = item.state
+        for key, state in by_mount.items():
+            states.add_metric([*key, state], 1)
+        self._apply_series.families = [states]
         for item in report.tmpfs:
             if item.size_bytes is not None:
                 self.tmpfs_size.labels(path=item.path).set(item.size_bytes)
@@ -130,6 +292,7 @@ class CycleMetrics:
         preview = oom_preview(self.paths, prediction, agent.pods)
         host = host_report(scan, top=10, oom=preview)
         self.metrics.observe_host(host, time.perf_counter() - started)
+        self.metrics.observe_scan(scan, agent.pods, self.paths)
         self.metrics.observe_apply(apply_report(effective, applied, dry_run=agent.settings.dry_run))
         self._observe_exec(agent)
         self._observe_cleanups(agent)

@@ -175,7 +175,7 @@ def _rule(rule: str, message: str, field_path: str | None = None) -> Schema:
 
 
 def _policy_spec_extras() -> dict[str, Schema]:
-    """Additions to the spec schema, by path (`a.b` property, `a[]` list item)."""
+    """Additions to the spec schema, by path (`a.b` property, `a[]` list item, `` spec)."""
     criteria = [field.alias or name for name, field in OomMatch.model_fields.items()]
     has_criterion = " || ".join(f"has(self.{criterion})" for criterion in criteria)
     selector_values = _rule(
@@ -185,8 +185,28 @@ def _policy_spec_extras() -> dict[str, Schema]:
         ".values",
     )
     return {
+        "": {"x-kubernetes-validations": [_TMPFS_PATHS_UNIQUE]},
         "nodeSelector.matchExpressions[]": {"x-kubernetes-validations": [selector_values]},
-        "tmpfs": _list_map("path"),
+        # Not a list map keyed by path: a podShm item has no path, and map keys must be
+        # required. Items are then replaced as a whole list by server-side apply.
+        "tmpfs": {"x-kubernetes-list-type": "atomic"},
+        "tmpfs[]": {
+            "x-kubernetes-validations": [
+                _rule(
+                    "has(self.path) != (has(self.podShm) && self.podShm)",
+                    "needs exactly one of path and podShm: true",
+                ),
+                _rule(
+                    "!has(self.podShm) || !self.podShm || has(self.pods)",
+                    "podShm needs pods: the pods whose /dev/shm is sized ({}: every pod)",
+                ),
+                _rule(
+                    "!has(self.podShm) || !self.podShm || !has(self.pods.volume)",
+                    "pods.volume does not apply to podShm: /dev/shm is not a volume",
+                    ".pods.volume",
+                ),
+            ]
+        },
         "cleanup": _list_map("name"),
         "cleanup[]": {
             "x-kubernetes-validations": [
@@ -227,6 +247,15 @@ def _policy_spec_extras() -> dict[str, Schema]:
             "x-kubernetes-validations": [selector_values]
         },
     }
+
+
+# What a list map keyed by path did before podShm items (which have none) existed.
+_TMPFS_PATHS_UNIQUE: Final = _rule(
+    "!has(self.tmpfs) || self.tmpfs.all(a, has(a.path)"
+    " ? self.tmpfs.filter(b, has(b.path)).exists_one(b, b.path == a.path) : true)",
+    "tmpfs items must have unique paths",
+    ".tmpfs",
+)
 
 
 def _list_map(*keys: str) -> Schema:
@@ -401,7 +430,7 @@ def _is_scalar(value: object) -> bool:
 def _add_extras(schema: Schema, extras: Mapping[str, Schema], root: str) -> None:
     for path, extra in extras.items():
         node = schema
-        for part in path.split("."):
+        for part in path.split(".") if path else ():  # "": the schema itself
             name, items = (part[:-2], True) if part.endswith("[]") else (part, False)
             try:
                 node = node["properties"][name]

@@ -136,7 +136,8 @@ def policy_to_manifest(policy: NodeMemoryPolicy) -> dict[str, Any]:
     }
 
 
-# libyaml's parser when PyYAML has it: 8x faster than the pure-Python one on large files.
+# libyaml's parser when PyYAML has it: several times faster than the pure-Python one on large
+# files (bench/parsers.py).
 _BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 

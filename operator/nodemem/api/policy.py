@@ -37,6 +37,7 @@ from .selector import LabelSelector
 __all__ = [
     "API_VERSION",
     "KIND",
+    "POD_SHM",
     "CleanupRule",
     "NodeMemoryPolicy",
     "NodeMemoryPolicySpec",
@@ -248,13 +249,25 @@ class PodVolumeSelector(BaseModel):
     )
 
 
+POD_SHM = "podShm"  # how reports name a podShm item (it has no path)
+
+
 class TmpfsLimit(BaseModel):
-    """A size limit for tmpfs mounts at a path on the host."""
+    """A size limit for tmpfs mounts at a path on the host, or for the /dev/shm of pods."""
 
     model_config = _CONFIG
 
-    path: AbsoluteGlob = Field(
-        description="Mount point on the host, or a glob such as /run/user/* matching several."
+    path: AbsoluteGlob | None = Field(
+        default=None,
+        description="Mount point on the host, or a glob such as /run/user/* matching several. "
+        "Exactly one of path and podShm.",
+    )
+    pod_shm: bool = Field(
+        default=False,
+        description="Instead of a path: the /dev/shm tmpfs the container runtime gives each "
+        "pod sandbox (64 MiB by default, shared by the pod's containers), for the pods that "
+        "pods selects; found from the pods' processes, also for pods started later. A pod "
+        "whose /dev/shm is a memory emptyDir is sized through its volume, not here.",
     )
     size: SizeOrPercent = Field(
         description="Size limit: a quantity (512Mi) or a percent of node memory (10%). "
@@ -271,11 +284,28 @@ class TmpfsLimit(BaseModel):
     pods: PodVolumeSelector | None = Field(
         default=None,
         description="Only the volumes of these pods among the mounts path matches, e.g. path "
-        "/var/lib/kubelet/pods/*/volumes/kubernetes.io~empty-dir/* for memory emptyDirs.",
+        "/var/lib/kubelet/pods/*/volumes/kubernetes.io~empty-dir/* for memory emptyDirs. "
+        "With podShm: the pods whose /dev/shm is sized (required; {} selects every pod; "
+        "no volume).",
     )
 
+    @model_validator(mode="after")
+    def _one_target(self) -> TmpfsLimit:
+        if (self.path is None) == (not self.pod_shm):
+            raise ValueError("needs exactly one of path and podShm: true")
+        if self.pod_shm and self.pods is None:
+            raise ValueError("podShm needs pods: the pods whose /dev/shm is sized ({}: every pod)")
+        if self.pod_shm and self.pods is not None and self.pods.volume is not None:
+            raise ValueError("pods.volume does not apply to podShm: /dev/shm is not a volume")
+        return self
 
-AgeTimestamp = Literal["atime", "mtime", "ctime"]
+    @property
+    def name(self) -> str:
+        """The item as reports name it: its path, or podShm."""
+        return self.path if self.path is not None else POD_SHM
+
+
+AgeTimestamp = Literal["atime", "mtime", "ctime", "btime"]
 
 
 def _default_age() -> list[AgeTimestamp]:
@@ -308,7 +338,10 @@ class CleanupRule(BaseModel):
         default_factory=_default_age,
         min_length=1,
         json_schema_extra={"x-kubernetes-list-type": "set"},
-        description="Timestamps that must all be older than olderThan for a file to be old.",
+        description="Timestamps that must all be older than olderThan for a file to be old "
+        "(they also order the removals of a watermark). btime is the birth time (statx): a "
+        "file whose filesystem does not report it is never old, so such a rule removes "
+        "nothing there and says so in its errors.",
     )
     when_usage_above: Percent | None = Field(
         default=None,
@@ -433,10 +466,12 @@ class ShmemSettings(BaseModel):
     )
 
 
-def _duplicates(keys: list[str]) -> str | None:
-    """The first repeated key and where it repeats, for an error message."""
+def _duplicates(keys: list[str | None]) -> str | None:
+    """The first repeated key and where it repeats, for an error message (None: no key)."""
     first_index: dict[str, int] = {}
     for index, key in enumerate(keys):
+        if key is None:
+            continue
         if key in first_index:
             return f"{key!r} appears in items [{first_index[key]}] and [{index}]"
         first_index[key] = index

@@ -3,9 +3,16 @@ also the memory part of the NodeMemoryReport status."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 from pydantic.alias_generators import to_camel
 
 ShmemKind = Literal["tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"]
@@ -129,6 +136,51 @@ class OomPreview(ReportModel):
     )
 
 
+class ProcessMemoryItem(ReportModel):
+    """One process's memory, from /proc/PID/smaps_rollup. Bytes."""
+
+    pid: int
+    comm: str
+    rss_bytes: int = Field(description="Rss: every page it maps, shared ones in full.")
+    pss_bytes: int = Field(
+        description="Pss: each page divided by the number of processes mapping it; summed "
+        "over all processes every page counts once."
+    )
+    uss_bytes: int = Field(
+        description="Private_Clean + Private_Dirty: pages only it maps, freed if it exits."
+    )
+    pss_shmem_bytes: int | None = Field(
+        description="Pss_Shmem: its share of the Shmem it maps (null before kernel 5.7)."
+    )
+    rss_shmem_bytes: int = Field(description="RssShmem (status): the Shmem pages it maps, in full.")
+    pod: str | None = Field(default=None, description="namespace/name, or the pod UID.")
+
+
+class ProcessTotals(ReportModel):
+    """Sums over every process read (not only the listed ones). Bytes."""
+
+    processes: int = Field(description="Processes whose smaps_rollup was read.")
+    rss_bytes: int
+    pss_bytes: int
+    uss_bytes: int
+    pss_shmem_bytes: int
+    rss_shmem_bytes: int
+
+
+class ProcessSummary(ReportModel):
+    """`nodemem report --processes`: the processes with the largest PSS."""
+
+    top: list[ProcessMemoryItem] = Field(description="Largest PSS first.")
+    total: ProcessTotals
+    unreadable_processes: int = Field(
+        description="Processes whose smaps_rollup was refused (another user's, without "
+        "CAP_SYS_PTRACE) or could not be parsed; not in the total."
+    )
+    unreadable: list[UnreadableEntry] = Field(
+        default_factory=list, description="The first few of them, for diagnosis."
+    )
+
+
 class HostReport(ReportModel):
     warnings: list[str] = Field(
         default_factory=list,
@@ -144,10 +196,30 @@ class HostReport(ReportModel):
     unreadable: list[UnreadableEntry] = Field(
         default_factory=list, description="The first few refusals, for diagnosis."
     )
+    processes: ProcessSummary | None = Field(
+        default=None, description="Only with --processes: absent from the document otherwise."
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unasked_processes(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # The default document keeps its shape: no `processes: null` for those not asking.
+        data = handler(self)
+        if self.processes is None and isinstance(data, dict):
+            data.pop("processes", None)
+        return data
 
 
 TmpfsState = Literal[
-    "Applied", "Unchanged", "Planned", "Refused", "NotTmpfs", "NotFound", "Failed", "Overridden"
+    "Applied",
+    "Unchanged",
+    "Planned",
+    "Refused",
+    "NotTmpfs",
+    "NotFound",
+    "Failed",
+    "Overridden",
+    "Restored",
+    "RestoreRefused",
 ]
 
 
@@ -160,11 +232,19 @@ class TmpfsStatus(ReportModel):
     """One tmpfs mount a policy item named, and what became of its limit."""
 
     path: str = Field(description="Mount point, as its mount namespace sees it.")
-    pattern: str = Field(description="The policy item's path (exact or glob) that matched.")
+    pattern: str = Field(
+        description="The policy item's path (exact or glob) that matched; podShm for a pod "
+        "/dev/shm item."
+    )
+    pod: str | None = Field(
+        default=None, description="podShm items: the pod (namespace/name) whose /dev/shm it is."
+    )
     policy: str
     state: TmpfsState = Field(
         description="Overridden: another item covering this mount wins (the message names "
-        "it); informational, not a failure."
+        "it); informational, not a failure. Restored: no item holds this mount any more and "
+        "its original size and nrInodes were put back; RestoreRefused: the kernel refused "
+        "them (message; tried again)."
     )
     message: str = ""
     size_bytes: int | None = Field(default=None, description="Size limit now in force.")
@@ -221,6 +301,11 @@ class CleanupStatus(ReportModel):
     would_remove: list[str] = Field(
         default_factory=list, description="Dry run: the first paths it would remove."
     )
+    locked: list[str] = Field(
+        default_factory=list,
+        description="Directories kept with everything below them because a process holds a "
+        "BSD flock lock on them (as systemd-tmpfiles does).",
+    )
     errors: list[str] = Field(default_factory=list)
     patterns: list[CleanupPatternStatus] = Field(
         default_factory=list, description="Each path of the rule and what became of it."
@@ -241,6 +326,14 @@ class OomCounts(ReportModel):
         description="Not written: the process exited, or its pid named another process, "
         "between match and write. Not a failure.",
     )
+    restored: int = Field(
+        default=0,
+        description="Processes no rule matches any more whose original oom_score_adj was "
+        "put back (not among matched).",
+    )
+    restore_refused: int = Field(
+        default=0, description="Originals the kernel refused to put back (tried again)."
+    )
 
 
 class OomRuleStatus(OomCounts):
@@ -252,7 +345,10 @@ class OomFailure(ReportModel):
     pid: int
     comm: str
     rule: str
-    state: str = Field(description="Forbidden, Failed, or Vanished (not a failure).")
+    state: str = Field(
+        description="Forbidden, Failed, RestoreRefused, or Vanished (not a failure); in "
+        "`restores` also Restored."
+    )
     message: str
 
 
@@ -262,6 +358,11 @@ class OomStatus(OomCounts):
     rules: list[OomRuleStatus] = Field(default_factory=list)
     failures: list[OomFailure] = Field(
         default_factory=list, description="The first processes that were not adjusted."
+    )
+    restores: list[OomFailure] = Field(
+        default_factory=list,
+        description="The first processes whose original oom_score_adj was put back "
+        "(Restored) or refused (RestoreRefused); `rule` is the one that had changed it.",
     )
     predicted_victims: list[PredictedVictim] = Field(
         default_factory=list, description="Node report: the next OOM victims, next first."

@@ -1,1 +1,1 @@
-"""controller layer; see design.md."""
+"""controller layer; see docs/architecture.md#layers."""

@@ -1,8 +1,8 @@
 """The controller: kopf watches policies, nodes and reports; one loop rolls them up.
 
 Its state is kept from `on.event` streams (they write nothing to the objects and start
-in seconds at 5,000 objects), never from `@kopf.index`, whose cold start took 142 s
-for 5,000 objects (testing-kubernetes.md). Policy status is recomputed when something
+in seconds at 5,000 objects), never from `@kopf.index`, whose cold start is far slower
+(measured: docs/testing.md#the-api-emulator). Policy status is recomputed when something
 changed, at most every `interval` seconds, and patched only when it differs. Reports
 of nodes that no longer exist are deleted.
 """

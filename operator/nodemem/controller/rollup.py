@@ -38,7 +38,8 @@ FAILED_TMPFS_STATES = ("Refused", "Failed")
 @dataclass(frozen=True, slots=True)
 class ReportDigest:
     """What the roll-up reads of one node's report; kept per node instead of the whole
-    report (5,000 parsed reports held 115 MiB, these a few MiB)."""
+    report: parsed reports were most of the controller's memory at 5,000 nodes
+    (bench/controller_scale.py)."""
 
     policies: Mapping[str, int]  # policy name -> generation applied
     failures: Mapping[str, tuple[str, ...]]  # policy name -> what failed, in words

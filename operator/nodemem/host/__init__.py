@@ -1,1 +1,1 @@
-"""host layer; see design.md."""
+"""host layer; see docs/architecture.md#layers."""

@@ -15,9 +15,15 @@ Safety is the feature:
   host root (absolute targets and `..` stay inside it, as in a chroot). A symlink on a tmpfs in
   the base is an error: whoever writes that tmpfs could aim the rule elsewhere.
 - Every step goes through directory fds (openat with O_NOFOLLOW, fstatat, unlinkat): a path
-  renamed or swapped during the run cannot redirect a removal. Before each unlink the entry is
-  stat'ed again and must still be the inode the walk selected.
+  renamed or swapped during the run cannot redirect a removal. Each unlink directly follows a
+  stat of that name through the same directory fd showing the inode selected: without a
+  watermark the selecting stat itself, taken after the directory was listed and just before
+  the unlink; with one (every candidate is selected first, then removed oldest first) the
+  entry is stat'ed again at removal and must still be the inode the walk selected.
 - A file that a process holds open is kept (removing it frees nothing) and reported.
+- A directory on which a process holds a BSD flock lock is kept with everything below it, as
+  systemd-tmpfiles does (tmpfiles.d(5)): the walk tries LOCK_EX|LOCK_NB when it enters a
+  directory (a base too), never waits, releases at once, and reports the directory (locked).
 
 Pattern semantics: absolute host paths; each `/`-separated component is an fnmatch pattern
 matched against one name (`*` never crosses `/`, and matches names starting with `.`); a
@@ -31,6 +37,11 @@ paths (`sub/keep.log` with `/m/logs/**` is `/m/logs/sub/keep.log`). fnmatch: her
 root (the pattern's base and the exclude's own literal prefix; in an exclude even a symlink on
 a tmpfs, since that can only keep more), so an exclude may name a directory through a symlink
 (`/var/run/x`) or by its real path (`/run/x`) alike. An excluded directory is not entered.
+
+Age: `age` names the timestamps that must all be older than older_than (the newest of them
+orders a watermark's removals). btime, the birth time, comes from statx(2); where the
+filesystem does not report it (stx_mask without STATX_BTIME) the file is never old, so a btime
+rule removes nothing there, for lack of data, and counts those files in its errors.
 
 Empty directories (only with remove_empty_dirs): a directory the walk entered below a base
 (never a base) that is empty after the cleanup is removed, deepest first; with older_than set
@@ -46,6 +57,7 @@ watermark. Hard links are counted per name (st_blocks of the inode for each).
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
 import os
 import re
@@ -68,8 +80,9 @@ from nodemem.host.mounts import (
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import Holder, read_proc_text
 from nodemem.host.statfs import statfs
+from nodemem.host.statx import BirthTime
 
-AGE_FIELDS = ("atime", "mtime", "ctime")
+AGE_FIELDS = ("atime", "mtime", "ctime", "btime")
 REMOVED_REPORT_LIMIT = 100  # real runs list the first paths removed, for the report
 MAX_DEPTH = 100  # below a base; deeper trees are reported, not walked (fd and stack bounds)
 
@@ -133,6 +146,7 @@ class CleanupResult:
     skipped_not_tmpfs: list[str]  # base directories of patterns that are not on a tmpfs
     patterns: list[PatternResult] = field(default_factory=list)  # one per spec path, in order
     failure: str = ""  # the run itself failed: nothing was done
+    locked: list[str] = field(default_factory=list)  # directories kept whole: flock held on them
 
     @classmethod
     def failed(cls, name: str, *, dry_run: bool, message: str) -> CleanupResult:
@@ -239,8 +253,8 @@ class CleanupSpec:
     """One cleanup rule, in host terms (the api layer converts its model to this).
 
     `paths` are absolute host globs (see the module doc); `..`, `.` and relative patterns raise
-    ValueError. A file is old when every `age` timestamp is older than now - older_than. A rule
-    without older_than and watermarks removes every matching file.
+    ValueError. A file is old when every `age` timestamp (atime, mtime, ctime, btime) is older
+    than now - older_than. A rule without older_than and watermarks removes every matching file.
     """
 
     name: str
@@ -418,10 +432,19 @@ class _Run:
         if spec.older_than is not None:
             older_than_us = spec.older_than // timedelta(microseconds=1)
             self.threshold_ns = round(now * 1e9) - older_than_us * 1000
-        getters = [attrgetter(f"st_{name}_ns") for name in dict.fromkeys(spec.age)]
-        self.age_of: Callable[[os.stat_result], int] = (
-            getters[0] if len(getters) == 1 else lambda st: max(g(st) for g in getters)
-        )
+        # A file's age counts only where something compares it: older_than, or watermark order.
+        self.uses_age = self.threshold_ns is not None or spec.when_usage_above is not None
+        getters = [attrgetter(f"st_{name}_ns") for name in spec.age if name != "btime"]
+        self.age_of: Callable[[os.stat_result], int] | None = None
+        if getters:
+            self.age_of = (
+                getters[0] if len(getters) == 1 else lambda st: max(g(st) for g in getters)
+            )
+        # btime is not in os.stat_result: statx(2), only for rules that ask for it
+        self.birth = BirthTime() if "btime" in spec.age and self.uses_age else None
+        self.no_btime = 0  # files left alone because their filesystem reports no birth time
+        # No watermark: each file is removed as the walk selects it, right after its stat.
+        self.inline = spec.when_usage_above is None
         self.exclude_names = _compile_name_excludes(spec.exclude)
         self.exclude_paths: re.Pattern[str] | None = None  # needs the bases: see _open_bases
         # per pattern (index): what became of its base, and the other mounts it met
@@ -432,6 +455,7 @@ class _Run:
         self.dirs: dict[tuple[int, int], _Dir] = {}
         self.seen: set[tuple[int, int, str]] = set()
         self.overlapping = False
+        self._held_by_dev: dict[int, frozenset[int]] = {}
         # per superblock, filled by the walk
         self.candidates: list[_Candidate] = []
         self.walked: list[_Dir] = []
@@ -442,6 +466,7 @@ class _Run:
         self.removed: list[RemovedFile] = []
         self.would_remove: list[RemovedFile] = []
         self.held: list[HeldOpenFile] = []
+        self.locked: list[str] = []
         self.errors: list[str] = []
         self.skipped: list[str] = []
         self.failure = ""
@@ -461,6 +486,10 @@ class _Run:
             stack.callback(dir_fds.close)
             for bases in superblocks.values():
                 self._clean_superblock(bases, dir_fds)
+        if self.no_btime:
+            self.errors.append(
+                f"{self.no_btime} files left alone: their filesystem reports no birth time (btime)"
+            )
         return self._result()
 
     def _result(self) -> CleanupResult:
@@ -477,6 +506,7 @@ class _Run:
             skipped_not_tmpfs=self.skipped,
             patterns=[self._pattern_result(i) for i in range(len(self.patterns))],
             failure=self.failure,
+            locked=self.locked,
         )
 
     def _pattern_result(self, index: int) -> PatternResult:
@@ -605,7 +635,24 @@ class _Run:
     # --- walk --------------------------------------------------------------------------
 
     def _walk(self, base: _Base) -> None:
+        if self._locked(base.fd, base.directory.path):
+            return
         self._scan(base, base.directory, base.fd, base.states)
+
+    def _locked(self, fd: int, path: str) -> bool:
+        """A process holds a BSD flock on the directory: it and its subtree are left alone.
+
+        As systemd-tmpfiles does (tmpfiles.d(5)): try the lock without waiting, release it at
+        once. The check is made when the walk enters the directory.
+        """
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if path not in self.locked:  # two bases can reach one directory
+                self.locked.append(path)
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
 
     def _closure(self, states: set[tuple[int, int]]) -> set[tuple[int, int]]:
         # `**` also matches no directory at all: the next component applies here too.
@@ -636,6 +683,7 @@ class _Run:
         return (lambda name: any(component.matches(name) for component in final)), steps
 
     def _scan(self, base: _Base, directory: _Dir, fd: int, states: set[tuple[int, int]]) -> None:
+        """One directory: its files first (while its entries are hot), then its subdirectories."""
         file_matches, steps = self._matchers(states)
         try:
             # a list, not an iterator: one fd per level while descending
@@ -647,29 +695,40 @@ class _Run:
         first_scan = directory.entries < 0
         if first_scan:
             directory.entries = len(entries)
-        prefix = directory.path if directory.path.endswith("/") else f"{directory.path}/"
         real = directory.real_path
         real_prefix = real if real.endswith("/") else f"{real}/"
         excludes = self.exclude_names is not None or self.exclude_paths is not None
+        any_name = file_matches is _any_name
+        files: list[str] = []
+        subdirs: list[tuple[str, set[tuple[int, int]]]] = []
         for entry in entries:
             name = entry.name
             if excludes and self._excluded(name, real_prefix + name):
                 continue
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    next_states = {
-                        (index, position if component.recursive else position + 1)
-                        for index, position, component in steps
-                        if component.recursive or component.matches(name)
-                    }
-                    if next_states:
-                        self._descend(base, directory, fd, name, next_states)
-                elif file_matches is not None and file_matches(name):
-                    self._consider(base, directory, name, entry.stat(follow_symlinks=False))
+                is_dir = entry.is_dir(follow_symlinks=False)  # d_type: no syscall on tmpfs
+            except OSError as exc:
+                self._error(directory.child_path(name), exc)
+                continue
+            if is_dir:
+                next_states = {
+                    (index, position if component.recursive else position + 1)
+                    for index, position, component in steps
+                    if component.recursive or component.matches(name)
+                }
+                if next_states:
+                    subdirs.append((name, next_states))
+            elif any_name or (file_matches is not None and file_matches(name)):
+                files.append(name)
+        if files:
+            self._select(base, directory, fd, files)
+        for name, next_states in subdirs:
+            try:
+                self._descend(base, directory, fd, name, next_states)
             except FileNotFoundError:
                 continue  # removed by someone else while we looked
             except OSError as exc:
-                self._error(prefix + name, exc)
+                self._error(directory.child_path(name), exc)
         if first_scan:
             self.walked.append(directory)
 
@@ -689,6 +748,8 @@ class _Run:
                 for index, _ in states:
                     self.crossings.setdefault(index, {})[path] = None
                 return
+            if self._locked(fd, path):
+                return  # not in walked, so neither it nor its parent counts as empty
             key = (st.st_dev, st.st_ino)
             directory = self.dirs.get(key)
             if directory is None:
@@ -712,31 +773,92 @@ class _Run:
             self.exclude_paths is not None and self.exclude_paths.match(path) is not None
         )
 
-    def _consider(self, base: _Base, directory: _Dir, name: str, st: os.stat_result) -> None:
-        mode = st.st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            return  # only files and symlinks are removed
-        if st.st_dev != base.directory.dev:
-            return  # a file mount point
-        age_ns = self.age_of(st)
-        if self.threshold_ns is not None and age_ns >= self.threshold_ns:
-            return
-        if self.overlapping:
-            entry_key = (directory.dev, directory.ino, name)
-            if entry_key in self.seen:
-                return  # matched through an earlier base
-            self.seen.add(entry_key)
-        self.candidates.append(
-            _Candidate(
-                directory,
-                name,
-                directory.child_path(name),
-                st.st_dev,
-                st.st_ino,
-                st.st_blocks * 512,
-                age_ns,
-            )
-        )
+    def _select(self, base: _Base, directory: _Dir, fd: int, names: list[str]) -> None:
+        """Stat the matching names of one directory; remove the old ones (or collect them).
+
+        The hot loop of a cleanup: one fstatat per name, and without a watermark one unlinkat
+        right after it, so the inode removed is the one just checked (the same re-check a
+        deferred removal makes in _remove_file). Names bound to locals on purpose.
+        """
+        lstat = os.stat
+        is_reg = stat.S_ISREG
+        is_lnk = stat.S_ISLNK
+        dev = base.directory.dev
+        threshold = self.threshold_ns
+        age_of = self.age_of if self.uses_age else None
+        birth = self.birth
+        inline = self.inline
+        held_inos = self._held_inos(dev) if inline else frozenset()  # watermarks: at removal
+        seen = self.seen if self.overlapping else None
+        dry_run = self.dry_run
+        removed = self.removed
+        files = 0
+        freed = 0
+        gone = 0
+        for name in names:
+            try:
+                st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                mode = st.st_mode
+                if not (is_reg(mode) or is_lnk(mode)) or st.st_dev != dev:
+                    continue  # only files and symlinks; another st_dev: a file mount point
+                age_ns = age_of(st) if age_of is not None else 0
+                if birth is not None:
+                    ino, born = birth.ns(fd, name)
+                    if born is None:
+                        self.no_btime += 1  # no data, no removal
+                        continue
+                    if ino != st.st_ino:
+                        continue  # replaced between the two stats: left alone
+                    age_ns = max(age_ns, born)
+                if threshold is not None and age_ns >= threshold:
+                    continue
+                if seen is not None:
+                    entry_key = (directory.dev, directory.ino, name)
+                    if entry_key in seen:
+                        continue  # matched through an earlier base
+                    seen.add(entry_key)
+                size = st.st_blocks * 512
+                if inline and held_inos and st.st_ino in held_inos:
+                    holders = self.held_open[(dev, st.st_ino)]
+                    self.held.append(HeldOpenFile(directory.child_path(name), size, tuple(holders)))
+                    continue  # removing it would free nothing
+                if not inline:
+                    self.candidates.append(
+                        _Candidate(
+                            directory,
+                            name,
+                            directory.child_path(name),
+                            dev,
+                            st.st_ino,
+                            size,
+                            age_ns,
+                        )
+                    )
+                    continue
+                if dry_run:
+                    self.would_remove.append(RemovedFile(directory.child_path(name), size))
+                else:
+                    os.unlink(name, dir_fd=fd)
+                    if len(removed) < REMOVED_REPORT_LIMIT:
+                        removed.append(RemovedFile(directory.child_path(name), size))
+                files += 1
+                freed += size
+                gone += 1
+            except FileNotFoundError:
+                gone += 1  # removed by someone else while we looked
+            except OSError as exc:
+                self._error(directory.child_path(name), exc)
+        self.files_removed += files
+        self.bytes_removed += freed
+        directory.gone += gone
+
+    def _held_inos(self, dev: int) -> frozenset[int]:
+        """The inodes of one superblock that processes hold open: one set lookup per file."""
+        inos = self._held_by_dev.get(dev)
+        if inos is None:
+            inos = frozenset(ino for held_dev, ino in self.held_open if held_dev == dev)
+            self._held_by_dev[dev] = inos
+        return inos
 
     # --- selection and removal -----------------------------------------------------------
 
@@ -745,12 +867,8 @@ class _Run:
         self.walked = []
         self.overlapping = len(bases) > 1  # only several bases can reach one entry twice
         for base in bases:
-            self._walk(base)
-        if self.spec.when_usage_above is None:
-            for candidate in self.candidates:
-                if not self._is_held(candidate):
-                    self._remove_file(candidate, dir_fds)
-        elif not self._clean_to_watermark(bases[0], dir_fds):
+            self._walk(base)  # without a watermark this removes as it goes
+        if not self.inline and not self._clean_to_watermark(bases[0], dir_fds):
             return  # below the watermark (or unknown usage): leave everything, dirs too
         if self.spec.remove_empty_dirs:
             self._remove_empty_dirs(dir_fds)

@@ -1,6 +1,6 @@
 """Reading and setting /proc/PID/oom_score_adj, with every outcome named.
 
-Kernel rules (kernel-memory.md 5.4): raising needs no capability; going below the
+Kernel rules (docs/kernel-facts.md#oom_score_adj): raising needs no capability; going below the
 process's floor `oom_score_adj_min` (0 unless a writer with CAP_SYS_RESOURCE set
 it) needs CAP_SYS_RESOURCE and fails with EACCES otherwise. PID 1, kernel threads
 and the agent itself are never written.

@@ -1,6 +1,6 @@
 """Who the OOM killer takes next: the kernel's `oom_badness()` recomputed from /proc.
 
-kernel-memory.md 5.1 and 5.8. Per candidate, in pages:
+docs/kernel-facts.md#oom. Per candidate, in pages:
 
     score = rss + swap entries + page-table bytes / PAGE_SIZE + adj * (totalpages // 1000)
 

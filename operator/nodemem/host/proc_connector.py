@@ -1,6 +1,6 @@
 """Process events (fork, exec, exit) from the kernel's netlink proc connector.
 
-kernel-memory.md section 6. One datagram per event, 76 bytes:
+docs/kernel-facts.md#proc-connector. One datagram per event, 76 bytes:
 
     0   nlmsghdr   len u32, type u16 (NLMSG_DONE), flags u16, seq u32, pid u32
     16  cn_msg     idx u32, val u32, seq u32, ack u32, len u16, flags u16

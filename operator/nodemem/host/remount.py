@@ -6,7 +6,7 @@ works on a mount of another mount namespace reached through /proc/PID/root; and 
 fs-context fd hands back the kernel's reason for a refusal. When fspick is missing
 (ENOSYS: kernel < 5.2, or a seccomp filter) the fallback is mount(2) with MS_REMOUNT,
 which rewrites the per-mount flags from its arguments, so the current ones are passed
-back; its refusals are a bare EINVAL. See kernel-memory.md section 4.
+back; its refusals are a bare EINVAL. See docs/kernel-facts.md#remount.
 """
 
 from __future__ import annotations

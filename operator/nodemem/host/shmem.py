@@ -1,6 +1,6 @@
 """Shmem attribution: which objects hold the node's Shmem, and who holds them.
 
-kernel-memory.md §2 is the specification. No single method sees every object, so
+docs/kernel-facts.md#attribution is the specification. No single method sees every object, so
 five are combined, each keyed so that nothing is counted twice:
 
   tmpfs/devtmpfs superblocks of every mount namespace   statfs, keyed by st_dev
@@ -12,11 +12,12 @@ five are combined, each keyed so that nothing is counted twice:
 Deleted-but-open files on a mounted tmpfs are already inside that tmpfs's statfs
 figure: they are listed with their holder, never added again.
 
-The fd and maps reads cost ~5x the status reads (kernel-memory.md §3). `ShmemTracker`
-runs the agent's repeated passes as §2.4 recommends: a process's fds are read again
-when their count changed, its maps when RssShmem or VmSize changed; otherwise what it
-held last time is stat'ed again (fresh bytes; a changed dev, inode or link count means
-a re-read), and every few passes everything is read. `scan_node()` is a full pass.
+The fd and maps reads cost several times the status reads (bench/scan.py measures it;
+docs/kernel-facts.md#cost-of-proc-reads). `ShmemTracker` runs the agent's repeated
+passes: a process's fds are read again when their count changed, its maps when RssShmem
+or VmSize changed; otherwise what it held last time is stat'ed again (fresh bytes; a
+changed dev, inode or link count means a re-read), and every few passes everything is
+read. `scan_node()` is a full pass.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class ShmemObject:
     holders: dict[int, str] = field(default_factory=dict)  # pid -> comm
     pod: str | None = None
     note: str = ""
+    orphan: bool = False  # sysv: nattch 0, attached to no process
 
     def add_holder(self, holder: Holder) -> None:
         if holder.pid in self.holders or len(self.holders) < _MAX_HOLDERS:
@@ -81,6 +83,17 @@ class DeletedOpenFile:
     comm: str
     dev: int
     ino: int
+
+
+@dataclass(frozen=True)
+class TmpfsMount:
+    """One measured tmpfs (or devtmpfs) superblock: what `df` shows for it."""
+
+    dev: int
+    name: str  # as its Shmem object is named: the mount point, maybe with a suffix
+    size: int  # statfs size limit; 0: unlimited (size=0)
+    used: int
+    pod: str | None
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,8 @@ class NodeScan:
     # Files on tmpfs that some process holds open, (st_dev, st_ino) -> holders:
     # cleanup must not remove them (that frees nothing).
     open_tmpfs_files: dict[tuple[int, int], list[Holder]]
+    # Every superblock whose size and use could be read (a covered one may not be).
+    tmpfs_mounts: list[TmpfsMount] = field(default_factory=list)
 
     @property
     def unreadable_processes(self) -> int:
@@ -184,6 +199,7 @@ class _Superblock:
     reachable_path: str | None = None
     used: int | None = None  # None: usage not reachable by path
     unlimited: bool = False
+    size: int | None = None  # statfs size limit, with `used`
 
 
 class _Scanner:
@@ -335,6 +351,7 @@ class _Scanner:
                     continue
                 sb.reachable_path = path
                 sb.unlimited = fs.blocks == 0
+                sb.size = fs.size_bytes
                 sb.used = walk_usage(path, sb.dev) if sb.unlimited else fs.used_bytes
                 break
 
@@ -480,7 +497,7 @@ class _Scanner:
         except OSError:
             return
         if fs.blocks:
-            sb.used = fs.used_bytes
+            sb.used, sb.size = fs.used_bytes, fs.size_bytes
             self.tmpfs_object(sb).note = "covered by a later mount; measured through an open file"
 
     def add_detached(self, holder: Holder, link: str, st: os.stat_result, via: str) -> None:
@@ -615,6 +632,7 @@ class _Scanner:
             notes.append(f"{segment.swap_bytes} bytes swapped out")
         obj = ShmemObject(KIND_SYSV, f"shmid {segment.shmid}", segment.rss_bytes)
         obj.note = "; ".join(notes)
+        obj.orphan = segment.nattch == 0
         for pid, comm in self.sysv_attachers.get((ns, segment.shmid), {}).items():
             obj.add_holder(Holder(pid, comm))
         if segment.nattch == 0 and segment.cpid in self.processes:
@@ -654,6 +672,15 @@ class _Scanner:
                 if volume is not None:
                     obj.pod = volume.pod_uid
                     break
+
+    def tmpfs_mounts(self) -> list[TmpfsMount]:
+        mounts = []
+        for sb in self.superblocks.values():
+            if sb.used is None or sb.size is None:
+                continue
+            obj = self.tmpfs_object(sb)
+            mounts.append(TmpfsMount(sb.dev, obj.name, sb.size, obj.bytes, obj.pod))
+        return mounts
 
     def pods_from_holders(self) -> None:
         """An object whose holders all run in one pod belongs to that pod."""
@@ -740,5 +767,6 @@ def _scan(
             key: [Holder(pid, comm) for pid, comm in holders.items()]
             for key, holders in scanner.open_tmpfs_files.items()
         },
+        tmpfs_mounts=scanner.tmpfs_mounts(),
     )
     return scan, scanner.memo

@@ -1,8 +1,9 @@
 """SysV shared memory segments, in every IPC namespace.
 
-/proc/sysvipc/shm lists only the reader's IPC namespace (kernel-memory.md §2.2c), so
-segments of other namespaces are read from a short-lived thread that setns()es into
-them: IPC setns changes only the calling thread's nsproxy, and the thread then ends.
+/proc/sysvipc/shm lists only the reader's IPC namespace (see
+docs/kernel-facts.md#sysv-per-ipc-namespace), so segments of other namespaces are read
+from a short-lived thread that setns()es into them: IPC setns changes only the calling
+thread's nsproxy, and the thread then ends.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Which mount namespace: `find_targets(..., namespace_pid=None)` means the namespa
 `<proc>/<pid>/mountinfo` and act through the host root. Any other host root is an error,
 since no mount table would describe it. With `namespace_pid` we read that process's
 mountinfo and act through `<proc>/<pid>/root/<mount point>`, which fspick accepts
-without setns (kernel-memory.md 4.3).
+without setns (docs/kernel-facts.md#remount).
 
 Before acting, the mount point is opened (O_PATH, no symlink at the end) and every check
 and the remount go through that fd, so they all see one object. It must be on the
@@ -17,7 +17,7 @@ accepts only a mount root. A mount that vanished, or was replaced by another fil
 is NotFound and not touched. (A new tmpfs that reuses the freed st_dev, as the kernel
 does at once, is acted on: it is a tmpfs mounted at the named path, checked like any.)
 
-The kernel's rules this follows (mm/shmem.c, measured in kernel-memory.md 4.1): a size
+The kernel's rules this follows (mm/shmem.c; docs/kernel-facts.md#remount): a size
 below current use is refused; a tmpfs made unlimited (size=0) can never be limited
 again; size=0 is accepted and irreversible, so it is never sent.
 """
@@ -52,6 +52,10 @@ class LimitState(StrEnum):
     # Another item covering the same mount wins (priority, then policy name, then position):
     # informational, never a failure.
     OVERRIDDEN = "Overridden"
+    # Undo (policy.undo): no item applies to the mount any more and its original size and
+    # nr_inodes were written back, or the kernel refused them (kept, retried).
+    RESTORED = "Restored"
+    RESTORE_REFUSED = "RestoreRefused"
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,26 @@ def find_targets(paths: HostPaths, pattern: str, namespace_pid: int | None = Non
         for point, mount in sorted(tops.items())
         if _glob_matches(wanted, PurePosixPath(point).parts)
     ]
+
+
+def namespace_mounts(paths: HostPaths, namespace_pid: int | None = None) -> list[Mount]:
+    """The mount table find_targets reads: `namespace_pid`'s, or (None) the host root's."""
+    pid = namespace_pid if namespace_pid is not None else _host_root_pid(paths)
+    if pid is None:
+        return parse_mountinfo(read_proc_text(str(paths.proc("self", "mountinfo")), PATH_ERRORS))
+    return parse_mountinfo(read_text(paths, pid, "mountinfo", PATH_ERRORS))
+
+
+def host_namespace_pid(paths: HostPaths) -> int | None:
+    """The pid whose mount namespace the host root shows; None: our own (host root /)."""
+    return _host_root_pid(paths)
+
+
+def top_mount_at(mounts: list[Mount], mount_point: str) -> Mount | None:
+    """The visible mount at `mount_point` (see _top_mounts), None when it is not one."""
+    return _top_mounts([mount for mount in mounts if mount.mount_point == mount_point]).get(
+        mount_point
+    )
 
 
 def apply_limit(

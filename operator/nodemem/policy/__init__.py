@@ -1,1 +1,1 @@
-"""policy layer; see design.md."""
+"""policy layer; see docs/architecture.md#layers."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from nodemem.api.policy import PodVolumeSelector
 from nodemem.host.cleanup import CleanupResult, CleanupSpec, CleanupState, run_cleanup
+from nodemem.host.originals import Originals, TmpfsKey, TmpfsOriginal, birth_time, mount_namespace
 from nodemem.host.paths import HostPaths
 from nodemem.host.pods import pod_volume_from_path
 from nodemem.host.procfs import Holder
@@ -23,12 +24,13 @@ from nodemem.policy.effective import (
     tmpfs_winners,
 )
 from nodemem.policy.oom import OomResult, apply_oom_rules
+from nodemem.policy.pod_shm import PodShmTargets
 from nodemem.policy.pods import PodDirectory
 
 log = logging.getLogger("nodemem.apply")
 
 # States that mean "the policy could not be enforced here": exit status 1, condition Degraded.
-FAILED_TMPFS_STATES = frozenset({LimitState.REFUSED, LimitState.FAILED})
+FAILED_TMPFS_STATES = frozenset({LimitState.REFUSED, LimitState.FAILED, LimitState.RESTORE_REFUSED})
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class TmpfsOutcome:
     policy: str
     pattern: str
     result: LimitResult
+    target: Target | None = None  # the mount it is about (None: no mount matched)
+    pod: str | None = None  # podShm items: namespace/name of the pod whose /dev/shm it is
 
 
 @dataclass(frozen=True)
@@ -79,48 +83,108 @@ def apply_tmpfs(
     *,
     dry_run: bool,
     pods: PodDirectory | None = None,
+    originals: Originals | None = None,
+    pod_shm: PodShmTargets | None = None,
 ) -> list[TmpfsOutcome]:
     """Resolve every item to its mounts, then apply each mount's winning item only.
 
     `items` in merge order (EffectivePolicy.tmpfs). Merging by mount, not by path string,
     keeps `/m/a` and `/m/*` from remounting /m/a in turn every run; each losing item is
-    reported Overridden on that mount, naming the winner.
+    reported Overridden on that mount, naming the winner. A mount's size and nr_inodes
+    are put in `originals` before its first change. podShm items resolve through
+    `pod_shm` (by default every pod's process is looked at, once for all items).
     """
     directory = pods or PodDirectory()
-    resolved = [(item, _targets(paths, item, directory)) for item in items]
+    shm = pod_shm or PodShmTargets(paths, directory)
+    resolved = [(item, _targets(paths, item, directory, shm)) for item in items]
     winners = tmpfs_winners(
         (item, [(t.namespace_pid, t.mount_point) for t in targets]) for item, targets in resolved
     )
     in_force: dict[tuple[int | None, str], LimitResult] = {}
     outcomes: list[TmpfsOutcome] = []
     for item, targets in resolved:
-        if not targets:
+        passed_over = shm.passed_over(item.item.pods) if item.item.pod_shm else []
+        for label, result in passed_over:
+            outcomes.append(TmpfsOutcome(item.policy, item.path, result, pod=label))
+        if not targets and not passed_over:
             missing = LimitResult(
                 path=item.path,
                 state=LimitState.NOT_FOUND,
-                message="no mount point matches"
+                message="no running process of a selected pod shows a /dev/shm"
+                if item.item.pod_shm
+                else "no mount point matches"
                 + (" for the selected pods" if item.item.pods else ""),
             )
             outcomes.append(TmpfsOutcome(item.policy, item.path, missing))
         for target in targets:
             key = (target.namespace_pid, target.mount_point)
             winner = winners[key]
+            pod = shm.pod_of(target) if item.item.pod_shm else None
             if winner is item:
+                item_dry_run = dry_run or item.dry_run
+                if originals is not None and not item_dry_run:
+                    record_original(paths, target, item, originals, pod)
                 result = apply_limit(
                     target,
                     item.size_bytes,
                     nr_inodes=item.item.nr_inodes,
                     headroom_bytes=item.headroom_bytes,
-                    dry_run=dry_run or item.dry_run,
+                    dry_run=item_dry_run,
                 )
                 in_force[key] = result
             else:  # the winner comes first in merge order: its result is known
                 result = _overridden(target.mount_point, item, winner, in_force.get(key))
-            outcomes.append(TmpfsOutcome(item.policy, item.path, result))
+            outcomes.append(TmpfsOutcome(item.policy, item.path, result, target, pod))
     return outcomes
 
 
-def _targets(paths: HostPaths, item: EffectiveTmpfs, pods: PodDirectory) -> list[Target]:
+def tmpfs_key(paths: HostPaths, target: Target) -> TmpfsKey | None:
+    """How the record of originals names the tmpfs at `target`; None when it is not a mount
+    or its namespace is gone."""
+    namespace = mount_namespace(paths, target.namespace_pid)
+    if target.mount is None or namespace is None:
+        return None
+    return TmpfsKey(namespace, target.mount_point, target.mount.dev, birth_time(target.path))
+
+
+def record_original(
+    paths: HostPaths,
+    target: Target,
+    item: EffectiveTmpfs,
+    originals: Originals,
+    pod: str | None = None,
+) -> None:
+    """Before the first change to a mount: its size and nr_inodes as they are (a mount
+    already recorded keeps its first original: the value now is a policy's)."""
+    key = tmpfs_key(paths, target)
+    if key is None or key in originals.tmpfs:
+        return
+    plan = apply_limit(
+        target,
+        item.size_bytes,
+        nr_inodes=item.item.nr_inodes,
+        headroom_bytes=item.headroom_bytes,
+        dry_run=True,
+    )
+    if plan.state is LimitState.PLANNED and plan.size_before and plan.inodes_before is not None:
+        originals.add_tmpfs(
+            TmpfsOriginal(
+                key,
+                target.namespace_pid,
+                plan.size_before,
+                plan.inodes_before,
+                item.policy,
+                pattern=item.path,
+                pod=pod,
+            )
+        )
+
+
+def _targets(
+    paths: HostPaths, item: EffectiveTmpfs, pods: PodDirectory, shm: PodShmTargets
+) -> list[Target]:
+    if item.item.pod_shm:
+        return shm.targets(item.item.pods)
     targets = find_targets(paths, item.path)
     selector = item.item.pods
     if selector is not None:
@@ -195,12 +259,18 @@ def apply_policy(
     cleanups: Sequence[EffectiveCleanup] = (),
     held_open: Mapping[tuple[int, int], Sequence[Holder]] | None = None,
     pods: PodDirectory | None = None,
+    originals: Originals | None = None,
 ) -> ApplyResult:
     """Apply tmpfs limits, run `cleanups` (the rules that are due, or all when asked),
-    then set oom_score_adj on every running process a rule matches."""
+    then set oom_score_adj on every running process a rule matches. What is changed is
+    put in `originals` first (see host.originals)."""
     result = ApplyResult()
-    result.tmpfs = apply_tmpfs(paths, effective.tmpfs, dry_run=dry_run, pods=pods)
+    result.tmpfs = apply_tmpfs(
+        paths, effective.tmpfs, dry_run=dry_run, pods=pods, originals=originals
+    )
     if cleanups:
         result.cleanup = apply_cleanups(paths, cleanups, held_open or {}, dry_run=dry_run)
-    result.oom = apply_oom_rules(paths, effective.oom, pods or PodDirectory(), dry_run=dry_run)
+    result.oom = apply_oom_rules(
+        paths, effective.oom, pods or PodDirectory(), dry_run=dry_run, originals=originals
+    )
     return result

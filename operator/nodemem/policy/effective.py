@@ -51,7 +51,8 @@ class EffectiveTmpfs:
 
     @property
     def path(self) -> str:
-        return self.item.path
+        """The item's path, or `podShm` (api.policy.POD_SHM) for a pod /dev/shm item."""
+        return self.item.name
 
 
 @dataclass(frozen=True)

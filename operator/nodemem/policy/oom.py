@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 from nodemem.api.policy import OomMatch
 from nodemem.host.identity import ProcessIdentity, read_identity
 from nodemem.host.oom_adj import AdjState, read_oom_score_adj, set_oom_score_adj
+from nodemem.host.originals import AdjOriginal, Originals
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import ProcessGone, ProcessUnreadable, list_pids, start_time
 from nodemem.policy.effective import EffectiveOomRule
 from nodemem.policy.pods import PodDirectory, PodInfo
 
 PLANNED = "Planned"  # dry run: this value would be written
+# Undo (policy.undo): a rule stopped applying and the original value was written back, or
+# the kernel refused it (kept, retried).
+RESTORED = "Restored"
+RESTORE_REFUSED = "RestoreRefused"
 MAX_OUTCOMES_KEPT = 200
 
 
@@ -83,12 +88,17 @@ class OomResult:
         if len(self.outcomes) < MAX_OUTCOMES_KEPT or outcome.state in LISTED_ADJ_STATES:
             self.outcomes.append(outcome)
 
+    def record_restore(self, outcome: OomOutcome) -> None:
+        """A value put back: counted by state, but no rule matched the process."""
+        self.states[outcome.state] += 1
+        self.outcomes.append(outcome)
+
     @property
     def failed(self) -> bool:
         return any(self.states[state] for state in FAILED_ADJ_STATES)
 
 
-FAILED_ADJ_STATES = frozenset({AdjState.FORBIDDEN.value, AdjState.FAILED.value})
+FAILED_ADJ_STATES = frozenset({AdjState.FORBIDDEN.value, AdjState.FAILED.value, RESTORE_REFUSED})
 # Listed per process in reports: the failures, and matched processes not written because
 # they were gone by the write (not failures: nothing to fix).
 LISTED_ADJ_STATES = FAILED_ADJ_STATES | {AdjState.VANISHED.value}
@@ -102,11 +112,13 @@ def apply_to_process(
     *,
     dry_run: bool,
     started: int | None = None,
+    originals: Originals | None = None,
 ) -> OomOutcome | None:
     """Apply the first matching rule to one process; None when none applies or it is gone.
 
     `started` is the process's start time if the caller read it before calling (read
-    here otherwise): the value is written only to the process that started then.
+    here otherwise): the value is written only to the process that started then. Its
+    value before the first change is put in `originals`.
     Raises ProcessUnreadable when the process's identity cannot be read.
     """
     if pid in (1, os.getpid()):
@@ -134,6 +146,18 @@ def apply_to_process(
         return OomOutcome(
             pid, process.comm, rule.name, rule.policy, state, current, wanted, message
         )
+    if originals is not None and (pid, started) not in originals.adj:
+        try:
+            before: int | None = read_oom_score_adj(paths, pid)
+        except ProcessGone:
+            return None
+        except ValueError:  # the write below fails the same way, and says so
+            before = None
+        # A pid reused since `started` fails the write's check below: never restored.
+        if before is not None and before != wanted:
+            originals.add_adj(
+                AdjOriginal(pid, started, before, process.comm, rule.policy, rule.name)
+            )
     result = set_oom_score_adj(paths, pid, wanted, expected_start=started)
     return OomOutcome(
         pid,
@@ -154,6 +178,7 @@ def apply_oom_rules(
     *,
     dry_run: bool,
     pids: Iterable[int] | None = None,
+    originals: Originals | None = None,
 ) -> OomResult:
     """Apply the rules to `pids` (default: every process)."""
     result = OomResult()
@@ -161,7 +186,9 @@ def apply_oom_rules(
         return result
     for pid in list_pids(paths) if pids is None else pids:
         try:
-            outcome = apply_to_process(paths, pid, rules, pods, dry_run=dry_run)
+            outcome = apply_to_process(
+                paths, pid, rules, pods, dry_run=dry_run, originals=originals
+            )
         except ProcessUnreadable:
             result.unreadable += 1
             continue

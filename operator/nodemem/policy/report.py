@@ -20,7 +20,10 @@ from nodemem.api.report import (
     OomStatus,
     PolicyRef,
     PredictedVictim,
+    ProcessMemoryItem,
     ProcessRef,
+    ProcessSummary,
+    ProcessTotals,
     ShmemByKind,
     ShmemItem,
     ShmemSummary,
@@ -34,22 +37,35 @@ from nodemem.api.status import (
     now_rfc3339,
     set_condition,
 )
-from nodemem.host.identity import read_identity
+from nodemem.host.identity import read_identity, read_pod_cgroup
 from nodemem.host.meminfo import implausible
 from nodemem.host.oom_adj import AdjState
 from nodemem.host.oom_predict import OomPrediction
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import ProcessGone, ProcessUnreadable
 from nodemem.host.shmem import NodeScan
+from nodemem.host.smaps import ProcessAccounting
 from nodemem.policy.apply import ApplyResult, CleanupOutcome, TmpfsOutcome
 from nodemem.policy.effective import EffectiveOomRule, EffectivePolicy
-from nodemem.policy.oom import LISTED_ADJ_STATES, PLANNED, OomResult
+from nodemem.policy.oom import (
+    LISTED_ADJ_STATES,
+    PLANNED,
+    RESTORE_REFUSED,
+    RESTORED,
+    OomResult,
+)
 from nodemem.policy.pods import PodDirectory
+from nodemem.policy.undo import RestoreResult
 
 MAX_UNREADABLE_LISTED = 20
 
 
-def host_report(scan: NodeScan, top: int = 10, oom: OomPreview | None = None) -> HostReport:
+def host_report(
+    scan: NodeScan,
+    top: int = 10,
+    oom: OomPreview | None = None,
+    processes: ProcessSummary | None = None,
+) -> HostReport:
     memory = scan.memory
     shmem = scan.shmem
     by_kind = shmem.by_kind()
@@ -100,6 +116,51 @@ def host_report(scan: NodeScan, top: int = 10, oom: OomPreview | None = None) ->
             UnreadableEntry(pid=u.pid, comm=u.comm, what=u.what, reason=u.reason)
             for u in scan.unreadable[:MAX_UNREADABLE_LISTED]
         ],
+        processes=processes,
+    )
+
+
+def process_summary(
+    paths: HostPaths, accounting: ProcessAccounting, limit: int, pods: PodDirectory
+) -> ProcessSummary:
+    """The `limit` processes with the largest PSS, their pods, and totals over all."""
+    every = accounting.processes
+
+    def pod_of(pid: int) -> str | None:
+        try:
+            uid = read_pod_cgroup(paths, pid).pod_uid
+        except (ProcessGone, ProcessUnreadable):
+            return None
+        pod = pods.get(uid)
+        return f"{pod.namespace}/{pod.name}" if pod else uid
+
+    return ProcessSummary(
+        top=[
+            ProcessMemoryItem(
+                pid=p.pid,
+                comm=p.comm,
+                rss_bytes=p.rss,
+                pss_bytes=p.pss,
+                uss_bytes=p.uss,
+                pss_shmem_bytes=p.pss_shmem,
+                rss_shmem_bytes=p.rss_shmem,
+                pod=pod_of(p.pid),
+            )
+            for p in every[:limit]
+        ],
+        total=ProcessTotals(
+            processes=len(every),
+            rss_bytes=sum(p.rss for p in every),
+            pss_bytes=sum(p.pss for p in every),
+            uss_bytes=sum(p.uss for p in every),
+            pss_shmem_bytes=sum(p.pss_shmem or 0 for p in every),
+            rss_shmem_bytes=sum(p.rss_shmem for p in every),
+        ),
+        unreadable_processes=len(accounting.failures),
+        unreadable=[
+            UnreadableEntry(pid=f.pid, comm=f.comm, what="smaps_rollup", reason=f.reason)
+            for f in accounting.failures[:MAX_UNREADABLE_LISTED]
+        ],
     )
 
 
@@ -111,6 +172,7 @@ def tmpfs_status(outcome: TmpfsOutcome) -> TmpfsStatus:
     return TmpfsStatus(
         path=result.path,
         pattern=outcome.pattern,
+        pod=outcome.pod,
         policy=outcome.policy,
         state=result.state.value,
         message=result.message,
@@ -142,6 +204,7 @@ def cleanup_status(outcome: CleanupOutcome) -> CleanupStatus:
             for f in result.held_open[:MAX_FILES_LISTED]
         ],
         would_remove=[f.path for f in result.would_remove[:MAX_FILES_LISTED]],
+        locked=result.locked[:MAX_FILES_LISTED],
         errors=result.errors,
         patterns=[
             CleanupPatternStatus(pattern=p.pattern, state=p.state.value, message=p.message)
@@ -170,6 +233,8 @@ def oom_status(rules: Sequence[EffectiveOomRule], result: OomResult) -> OomStatu
             failed=states.get(AdjState.FAILED.value, 0) + states.get(AdjState.REFUSED.value, 0),
             planned=states.get(PLANNED, 0),
             vanished=states.get(AdjState.VANISHED.value, 0),
+            restored=states.get(RESTORED, 0),
+            restore_refused=states.get(RESTORE_REFUSED, 0),
         ).model_dump()
 
     failures = [
@@ -177,8 +242,14 @@ def oom_status(rules: Sequence[EffectiveOomRule], result: OomResult) -> OomStatu
         for o in result.outcomes
         if o.state in LISTED_ADJ_STATES
     ]
+    restores = [
+        OomFailure(pid=o.pid, comm=o.comm, rule=o.rule, state=o.state, message=o.message)
+        for o in result.outcomes
+        if o.state in (RESTORED, RESTORE_REFUSED)
+    ]
     return OomStatus(
         **counts(result.states),
+        restores=restores[:MAX_FILES_LISTED],
         rules=[
             OomRuleStatus(name=r.name, policy=r.policy, **counts(result.per_rule.get(r.name, {})))
             for r in rules
@@ -194,6 +265,22 @@ def apply_report(effective: EffectivePolicy, result: ApplyResult, *, dry_run: bo
         tmpfs=[tmpfs_status(o) for o in result.tmpfs],
         cleanup=[cleanup_status(o) for o in result.cleanup],
         oom=oom_status(effective.oom, result.oom),
+    )
+
+
+def restore_report(result: RestoreResult, *, dry_run: bool) -> ApplyReport:
+    """`nodemem restore`: the apply document, with only what was put back."""
+    oom = oom_status((), result.oom)
+    oom.restores = [  # a dry run's Planned too: here every outcome is a restore
+        OomFailure(pid=o.pid, comm=o.comm, rule=o.rule, state=o.state, message=o.message)
+        for o in result.oom.outcomes
+    ][:MAX_FILES_LISTED]
+    return ApplyReport(
+        policies=[],
+        dry_run=dry_run,
+        tmpfs=[tmpfs_status(o) for o in result.tmpfs],
+        cleanup=[],
+        oom=oom,
     )
 
 
@@ -244,17 +331,19 @@ def node_report_status(
         oom.predicted_victims = host.oom.predicted_victims
         oom.badness_truncation_risk = host.oom.badness_truncation_risk
     tmpfs = [tmpfs_status(o) for o in applied.tmpfs]
-    failures = [t for t in tmpfs if t.state in ("Refused", "Failed")]
+    failures = [t for t in tmpfs if t.state in ("Refused", "Failed", "RestoreRefused")]
     failed_cleanups = [c for c in cleanups if c.errors or c.state != "Completed"]
     conditions = list(previous)
     applied_condition: tuple[ConditionStatus, str, str]
     degraded: tuple[ConditionStatus, str, str]
     leak: tuple[ConditionStatus, str, str]
-    if failures or failed_cleanups or oom.forbidden or oom.failed:
+    if failures or failed_cleanups or oom.forbidden or oom.failed or oom.restore_refused:
         what = [f"tmpfs {t.path} {t.state}" for t in failures]
         what += [f"cleanup {c.name}: {_cleanup_problem(c)}" for c in failed_cleanups]
         if oom.forbidden or oom.failed:
             what.append(f"oom: {oom.forbidden} forbidden, {oom.failed} failed")
+        if oom.restore_refused:
+            what.append(f"oom: {oom.restore_refused} originals not restored")
         message = "; ".join(what)
         applied_condition = ("False", "ItemsFailed", message)
         degraded = ("True", "ItemsFailed", message)
