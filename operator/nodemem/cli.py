@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 # here: ruff's TID253 keeps the rest out (docs/architecture.md#import-rules);
 # bench/cli_startup.py measures the start-up.
 from nodemem.host.meminfo import MeminfoError, read_meminfo
+from nodemem.host.mounts import MountinfoError
 from nodemem.host.originals import AGENT_FILE, APPLY_FILE, Originals
 from nodemem.host.paths import HostPaths
 
@@ -100,6 +101,14 @@ def _host_meminfo(args: argparse.Namespace, paths: HostPaths) -> dict[str, int]:
         raise _CommandError(EXIT_NOT_APPLIED, f"{where}: {exc}") from None
 
 
+def _require_mount_table(args: argparse.Namespace, paths: HostPaths) -> None:
+    """apply and restore find mounts in the mount table: without one a wrong --proc-root
+    would otherwise end in a traceback at the first tmpfs item."""
+    where = paths.proc("self", "mountinfo")
+    if not os.access(where, os.R_OK):
+        raise _CommandError(EXIT_INVALID, f"--proc-root {args.proc_root}: cannot read {where}")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from nodemem.host.oom_predict import predict_victims
     from nodemem.host.shmem import scan_node
@@ -179,6 +188,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"  {message}", file=sys.stderr)
         return EXIT_INVALID
     memory_total = _host_meminfo(args, paths)["MemTotal"]
+    _require_mount_table(args, paths)
     effective = effective_policy(policies, args.node_labels, memory_total)
     cleanups = effective.cleanup if args.run_cleanup else ()
     held_open = scan_node(paths).open_tmpfs_files if cleanups else {}
@@ -209,6 +219,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     paths = _host_paths(args)
     _host_meminfo(args, paths)
+    _require_mount_table(args, paths)
     state_dir = _state_dir(args)
     result = RestoreResult()
     # apply's first: a value it recorded may be one the agent had set, and the agent's
@@ -489,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _CommandError as exc:
         print(f"nodemem: {exc}", file=sys.stderr)
         return exc.code
-    except MeminfoError as exc:  # read again after the first check, and now broken
+    except (MeminfoError, MountinfoError) as exc:  # a /proc file we cannot trust
         print(f"nodemem: {exc}", file=sys.stderr)
         return EXIT_NOT_APPLIED
     return result

@@ -234,7 +234,11 @@ def test_agent_loop_goes_on_when_one_rules_cleanup_raises(
         clock.now += timedelta(hours=1)
         wait_for(gone(old))  # the other rule ran
         wait_for(ran_each(ran, ("bad", "good"), times=hour))
-        wait_for(lambda: agent.state.cleanups["bad"].state == "Failed")
+        # Both rules' states are recorded after the run, one after the other: wait for both.
+        stamp = clock.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        cleanups = agent.state.cleanups
+        wait_for(lambda: all(n in cleanups and cleanups[n].last_run == stamp for n in ran))  # noqa: B023
+        assert agent.state.cleanups["bad"].state == "Failed"
         assert agent.state.cleanups["bad"].message == "ValueError: injected fault in bad"
         assert agent.state.cleanups["bad"].next_run is not None  # rescheduled, not retried
         assert agent.state.cleanups["good"].state == "Completed"

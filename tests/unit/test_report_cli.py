@@ -181,3 +181,15 @@ def test_top_must_be_a_positive_number(top: str, capsys: pytest.CaptureFixture[s
         main(["report", "--top", top])
     assert exited.value.code == 2
     assert "--top" in capsys.readouterr().err
+
+
+def test_apply_names_a_proc_root_without_a_mount_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc = fake_proc(tmp_path, Path("/proc/meminfo").read_text())
+    assert main(["apply", "-f", str(EXAMPLE), "--dry-run", "--proc-root", str(proc)]) == 2
+    assert f"--proc-root {proc}: cannot read {proc}/self/mountinfo" in capsys.readouterr().err
+    (proc / "self").mkdir()
+    (proc / "self" / "mountinfo").write_text("garbage\n")
+    assert main(["apply", "-f", str(EXAMPLE), "--dry-run", "--proc-root", str(proc)]) == 1
+    assert "mountinfo line 1: malformed: 'garbage'" in capsys.readouterr().err
