@@ -100,3 +100,29 @@ def test_saved_node_labels_that_are_not_strings_are_set_aside(tmp_path: Path) ->
     (tmp_path / "node-labels.yaml").write_text("role: [a, b]\n")
     assert StateDir(tmp_path).load_node_labels() is None
     assert list(tmp_path.glob("node-labels.yaml.corrupt-*"))
+
+
+def test_a_list_drops_a_policy_deleted_before_the_watch_began(tmp_path: Path) -> None:
+    # Saved, then deleted while the agent was down and before kopf's first listing:
+    # no DELETED event ever comes; the next LIST is what shows it gone.
+    saver = ClusterPolicies(StateDir(tmp_path))
+    saver.replace_all([policy("gone"), policy("kept")])
+    saver()
+    restarted = ClusterPolicies(StateDir(tmp_path))
+    restarted.on_event(type="ADDED", body=policy("kept"), name="kept")  # kopf's listing
+    restarted.replace_all([policy("kept")], since=restarted.events_seen())
+    assert names(restarted) == ["kept"]
+
+
+def test_a_list_answered_before_an_event_does_not_undo_it(tmp_path: Path) -> None:
+    source = ClusterPolicies(StateDir(tmp_path))
+    source.replace_all([policy("old"), policy("changed", size="1Gi")])
+    since = source.events_seen()  # the LIST is sent now ...
+    source.on_event(type="ADDED", body=policy("new"), name="new")  # ... events arrive ...
+    source.on_event(type="DELETED", body=policy("old"), name="old")
+    source.on_event(type="MODIFIED", body=policy("changed", size="2Gi"), name="changed")
+    # ... and its answer, from before them, comes last.
+    source.replace_all([policy("old"), policy("changed", size="1Gi")], since=since)
+    policies = source()
+    assert policies is not None
+    assert {p.name: p.spec.tmpfs[0].size.text for p in policies} == {"changed": "2Gi", "new": "1Gi"}

@@ -54,6 +54,10 @@ class ClusterPolicies:
         saved = state_dir.load_policies() if state_dir else None
         self._changed = True  # the first call answers: saved policies, or none yet
         self.confirmed = threading.Event()
+        # Watch events are numbered, so that a LIST answered before an event cannot undo
+        # it (see replace_all): name -> number of the last event about it.
+        self._events = 0
+        self._touched: dict[str, int] = {}
         if saved:
             self._objects = {p.name: p for p in saved}
             log.info("loaded saved policies: %s", ", ".join(self._objects) or "none")
@@ -61,6 +65,8 @@ class ClusterPolicies:
     def on_event(self, type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
         """kopf on.event handler (reads only)."""
         with self._lock:
+            self._events += 1
+            self._touched[name] = self._events
             if type == "DELETED":
                 changed = self._objects.pop(name, None) is not None
             else:
@@ -74,8 +80,16 @@ class ClusterPolicies:
                     self._objects[name] = policy
             self._changed |= changed
 
-    def replace_all(self, objects: Sequence[dict[str, Any]]) -> None:
-        """The authoritative set from a LIST: drops saved policies deleted meanwhile."""
+    def events_seen(self) -> int:
+        """Call before a LIST; pass the number to replace_all with its answer."""
+        with self._lock:
+            return self._events
+
+    def replace_all(self, objects: Sequence[dict[str, Any]], since: int | None = None) -> None:
+        """The authoritative set from a LIST: drops policies deleted meanwhile (saved ones
+        deleted during an outage, or one deleted before the watch began, of which the
+        watch never tells). A policy a watch event touched after `since` (events_seen()
+        when the LIST was sent) keeps what that newer event said."""
         policies: dict[str, NodeMemoryPolicy] = {}
         for obj in objects:
             try:
@@ -84,6 +98,13 @@ class ClusterPolicies:
                 continue
             policies[policy.name] = policy
         with self._lock:
+            if since is not None:
+                for name, number in self._touched.items():
+                    if number <= since:
+                        continue
+                    policies.pop(name, None)
+                    if name in self._objects:
+                        policies[name] = self._objects[name]
             # The first LIST also makes the agent resync at once: undo may act now.
             if policies != self._objects or not self.confirmed.is_set():
                 self._objects = policies

@@ -43,6 +43,7 @@ class ClusterAgentOptions:
     metrics_port: int | None = 8080
     resync_seconds: float = 30.0
     heartbeat_seconds: float = 300.0
+    relist_seconds: float = 300.0  # how soon a deletion the watch never saw is noticed
     dry_run: bool = False
     paths: HostPaths = field(default_factory=HostPaths)
     metrics_host: str = "0.0.0.0"
@@ -162,8 +163,9 @@ class ClusterAgent:
 
         OwnPods(core, options.node_name, pods).run(stop, self.metrics)
         threading.Thread(
-            target=_list_policies_once,
+            target=_list_policies,
             args=(self.api_client, self.policies, stop, self.metrics),
+            kwargs={"every": options.relist_seconds},
             daemon=True,
         ).start()
         feed_stop = threading.Event()
@@ -204,16 +206,21 @@ def run_cluster_agent(
     return cluster_agent.agent
 
 
-def _list_policies_once(
+def _list_policies(
     api_client: k8s.ApiClient,
     policies: ClusterPolicies,
     stop: threading.Event,
     metrics: AgentMetrics,
+    *,
+    every: float,
 ) -> None:
-    """One authoritative LIST, so that saved policies deleted during an outage go."""
+    """An authoritative LIST at start (saved policies deleted during an outage go), then
+    again every `every` seconds: a policy deleted before kopf's watch began is in no
+    event, and only a LIST shows it is gone."""
     custom = k8s.CustomObjectsApi(api_client)
     backoff = Backoff()
     while not stop.is_set():
+        since = policies.events_seen()
         try:
             listed = custom.list_cluster_custom_object(GROUP, VERSION, POLICIES)
         except Exception as exc:
@@ -221,5 +228,6 @@ def _list_policies_once(
             log.warning("listing policies failed: %s", exc)
             backoff.failed(stop)
             continue
-        policies.replace_all(listed["items"] if isinstance(listed, dict) else [])
-        return
+        backoff.succeeded()
+        policies.replace_all(listed["items"] if isinstance(listed, dict) else [], since=since)
+        stop.wait(every)
