@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: run test lint unit bench install clean crds tools docs
+.PHONY: run test lint unit bench install clean crds tools docs guest
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ $(PROMTOOL):
 
 tools: $(PROMTOOL)
 
+# The cgroup-v2 guest the guest_v2 tests run in (tests/guest/run.py, docs/testing.md):
+# Debian's linux-image-6.1 and busybox-static unpacked into .cache/guest/, qemu-system-x86
+# installed when missing. A no-op when up to date.
+guest: $(STAMP)
+	$(PY) tests/guest/run.py --build
+
 run: $(STAMP)
 	$(VENV)/bin/nodemem report
 	$(VENV)/bin/nodemem apply -f examples/dev-shm-limit.yaml --dry-run
@@ -36,7 +42,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict
 	$(VENV)/bin/lint-imports
 
-unit: $(STAMP) $(PROMTOOL)
+unit: $(STAMP) $(PROMTOOL) guest
 	$(PY) -m pytest
 
 test: lint unit
@@ -61,4 +67,4 @@ docs: $(STAMP)
 	$(PY) tests/api_reference.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .cache/guest

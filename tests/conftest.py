@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from guest.plugin import GuestTier, nodemem_where  # noqa: F401 (a fixture, used by name)
+
 REQUIRE_PRIVILEGED = os.environ.get("NODEMEM_REQUIRE_PRIVILEGED") == "1"
 
 
@@ -25,6 +27,11 @@ def _missing_privilege() -> str | None:
     if not int(caps.split()[1], 16) & (1 << cap_sys_admin):
         return "needs CAP_SYS_ADMIN (mount, setns)"
     return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # guest_v2 tests run in one cgroup-v2 guest boot per session (tests/guest/plugin.py).
+    config.pluginmanager.register(GuestTier(config), "nodemem-guest")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

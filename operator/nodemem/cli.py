@@ -110,9 +110,17 @@ def _require_mount_table(args: argparse.Namespace, paths: HostPaths) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from nodemem.host.memcg import find_futile
     from nodemem.host.oom_predict import predict_victims
+    from nodemem.host.podmem import read_pod_memory
     from nodemem.host.shmem import scan_node
-    from nodemem.policy.report import host_report, oom_preview
+    from nodemem.policy.report import (
+        futile_items,
+        host_report,
+        node_counters,
+        oom_preview,
+        pod_memory_items,
+    )
     from nodemem.tables import host_report_text
 
     paths = _host_paths(args)
@@ -134,7 +142,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         accounting = account_processes(paths, scan.processes)
         processes = process_summary(paths, accounting, args.processes or args.top, pods)
-    report = host_report(scan, top=args.top, oom=oom, processes=processes)
+    pod_memory = pod_memory_items(read_pod_memory(paths), pods, args.top)
+    oom.futile = futile_items(find_futile(paths, scan), pods)
+    pressure, oom_kills = node_counters(paths)
+    report = host_report(
+        scan,
+        top=args.top,
+        oom=oom,
+        processes=processes,
+        pods=pod_memory,
+        pressure=pressure,
+        oom_kills=oom_kills,
+    )
     for warning in report.warnings:
         print(f"nodemem: warning: {warning}", file=sys.stderr)
     if args.json:

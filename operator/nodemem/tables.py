@@ -6,7 +6,16 @@ import unicodedata
 from collections.abc import Sequence
 
 from nodemem.api.quantity import format_bytes
-from nodemem.api.report import ApplyReport, HostReport, ProcessSummary
+from nodemem.api.report import (
+    ApplyReport,
+    FutileOom,
+    HostReport,
+    MemorySummary,
+    PodMemoryItem,
+    PredictedVictim,
+    ProcessSummary,
+)
+from nodemem.host.identity import parse_cgroup_path
 
 MAX_CELL = 60
 
@@ -80,6 +89,7 @@ def host_report_text(report: HostReport) -> str:
                 ("VmallocUsed", format_bytes(mem.vmalloc_used_bytes), "kernel"),
             ],
         ),
+        *_counters_lines(mem),
         "",
         f"Shmem: {format_bytes(shmem.total_bytes)} = "
         f"{format_bytes(shmem.attributed_bytes)} attributed + "
@@ -120,6 +130,8 @@ def host_report_text(report: HostReport) -> str:
                 ],
             ),
         ]
+    if report.pods:
+        out += ["", *_pods_text(report.pods)]
     if report.oom is not None:
         oom = report.oom
         scope = "a node-wide OOM" if oom.scope == "node" else f"an OOM in memory cgroup {oom.scope}"
@@ -142,12 +154,15 @@ def host_report_text(report: HostReport) -> str:
                     for rank, v in enumerate(oom.predicted_victims, start=1)
                 ],
             ),
+            *_group_kill_lines(oom.predicted_victims),
         ]
         if oom.badness_truncation_risk:
             out.append(
                 "  WARNING: kernel before 5.9 with negative oom_score_adj: every score <= 0 "
                 "ties at 1 and scan order, not size, picks the victim"
             )
+        if oom.futile:
+            out += ["", *_futile_text(oom.futile)]
     if report.processes is not None:
         out += ["", *_processes_text(report.processes)]
     if report.unreadable_processes:
@@ -161,6 +176,40 @@ def host_report_text(report: HostReport) -> str:
             ),
         ]
     return "\n".join(out)
+
+
+def _counters_lines(mem: MemorySummary) -> list[str]:
+    """PSI and the kernel's OOM kill count, where the kernel has them."""
+    parts = []
+    if mem.pressure is not None:
+        for kind, line in (("some", mem.pressure.some), ("full", mem.pressure.full)):
+            if line is not None:
+                parts.append(f"{kind} {line.avg10:.2f}% (10 s) {line.avg60:.2f}% (60 s)")
+    pressure = "memory pressure " + ", ".join(parts) if parts else "no PSI"
+    kills = "" if mem.oom_kills is None else f"; {mem.oom_kills} OOM kills since boot"
+    return [f"  {pressure}{kills}"]
+
+
+def _futile_text(futile: Sequence[FutileOom]) -> list[str]:
+    rows = []
+    for f in futile:
+        holders = ", ".join(f"{h.name} {format_bytes(h.bytes)}" for h in f.holders[:4])
+        rows.append(
+            (
+                f.pod or f.cgroup,
+                format_bytes(f.usage_bytes),
+                format_bytes(f.limit_bytes),
+                format_bytes(f.shmem_bytes),
+                format_bytes(f.freeable_bytes),
+                "" if f.oom_kills is None else str(f.oom_kills),
+                holders,
+            )
+        )
+    return [
+        "OOM kills that free nothing (the memory cgroup is near its limit with mostly Shmem, "
+        "which outlives every task; FREEABLE: the most a kill gives back):",
+        table(("CGROUP", "USAGE", "LIMIT", "SHMEM", "FREEABLE", "KILLS", "HELD BY"), rows),
+    ]
 
 
 def _processes_text(summary: ProcessSummary) -> list[str]:
@@ -203,6 +252,57 @@ def _processes_text(summary: ProcessSummary) -> list[str]:
             ),
         ]
     return out
+
+
+def _group_kill_lines(victims: Sequence[PredictedVictim]) -> list[str]:
+    """One line per victim whose kill is a group kill (memory.oom.group, v2)."""
+    out = []
+    for rank, v in enumerate(victims, start=1):
+        if v.oom_group is None:
+            continue
+        count = 1 + len(v.killed_with)
+        processes = "process" if count == 1 else "processes"
+        out.append(
+            f"  #{rank} (pid {v.pid}) kills {count} {processes} of "
+            f"{visible(_group_name(v))}, {v.group_rss_bytes / (1 << 20):.0f} MiB "
+            "(memory.oom.group)"
+        )
+    return out
+
+
+def _group_name(victim: PredictedVictim) -> str:
+    """pod/container, the pod, or the cgroup path when it is neither."""
+    assert victim.oom_group is not None
+    found = parse_cgroup_path(victim.oom_group)
+    if found.pod_uid is None:
+        return victim.oom_group
+    pod = victim.pod or found.pod_uid  # the victim is inside the group: the same pod
+    return f"{pod}/{found.container_id[:12]}" if found.container_id else pod
+
+
+def _pods_text(pods: Sequence[PodMemoryItem]) -> list[str]:
+    rows = [
+        (
+            f"{p.namespace}/{p.name}" if p.name else p.uid,
+            p.qos_class or "?",
+            format_bytes(p.memory_bytes),
+            "none" if p.limit_bytes is None else format_bytes(p.limit_bytes),
+            format_bytes(p.anon_bytes),
+            format_bytes(p.file_bytes),
+            format_bytes(p.shmem_bytes),
+            "" if p.oom_kills is None else str(p.oom_kills),
+            "" if p.pressure_some10s is None else f"{p.pressure_some10s:.2f}%",
+        )
+        for p in pods
+    ]
+    return [
+        "Pods by memory (their cgroup's charge; SHMEM: tmpfs, emptyDir and SysV pages "
+        "charged to them, inside FILE):",
+        table(
+            ("POD", "QOS", "MEMORY", "LIMIT", "ANON", "FILE", "SHMEM", "OOM KILLS", "PRESSURE"),
+            rows,
+        ),
+    ]
 
 
 def _size(value: int | None) -> str:

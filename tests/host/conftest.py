@@ -6,37 +6,37 @@ import json
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from memcg_helpers import MEMORY_V1, remove_cgroup_tree
+from shmem_guard import ShmemMeter
 
 HOLDER = Path(__file__).with_name("shmem_holder.py")
 
 
-def _shmem_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        line = next(line for line in meminfo if line.startswith("Shmem:"))
-    return int(line.split()[1]) * 1024
+@pytest.fixture(scope="session")
+def shmem_meter() -> Iterator[ShmemMeter]:
+    """Measures the Shmem the tests create (their own memory cgroup), not the machine's:
+    other activity on the host cannot fail a test (shmem_guard.py)."""
+    meter = ShmemMeter()
+    yield meter
+    meter.close()
 
 
 @pytest.fixture(autouse=True)
-def shmem_released() -> Iterator[None]:
+def shmem_released(shmem_meter: ShmemMeter) -> Iterator[None]:
     """Every test gives back the Shmem it made before the next one measures.
 
     Namespaces die asynchronously (the kernel frees an IPC namespace from a work
     item), so teardown waits, with a deadline, instead of leaving noise behind.
     """
-    start = _shmem_bytes()
+    start = shmem_meter.bytes()
     yield
-    deadline = time.monotonic() + 10
-    while (now := _shmem_bytes()) > start + (1 << 20):
-        if time.monotonic() > deadline:
-            pytest.fail(f"test left {now - start} bytes of Shmem behind")
-        time.sleep(0.02)
+    if left := shmem_meter.left_behind(start):
+        pytest.fail(f"test left {left} bytes of Shmem behind")
 
 
 Holder = Callable[..., dict[str, Any]]
@@ -85,11 +85,12 @@ def _remove_segment(shmid: int) -> None:
 
 
 @pytest.fixture
-def memcg_root() -> Iterator[Path]:
-    """This test's own v1 memory cgroup; it and everything below it are removed after."""
+def memcg_root(shmem_meter: ShmemMeter) -> Iterator[Path]:
+    """This test's own v1 memory cgroup; it and everything below it are removed after.
+    It is made below the session's cgroup, so the Shmem guard counts what is charged here."""
     if not (MEMORY_V1 / "cgroup.procs").is_file():
         pytest.skip("no cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
-    top = MEMORY_V1 / f"nodemem-test-{secrets.token_hex(4)}"
+    top = (shmem_meter.cgroup or MEMORY_V1) / f"nodemem-test-{secrets.token_hex(4)}"
     top.mkdir()
     try:
         yield top

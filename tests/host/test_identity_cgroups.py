@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from memcg_helpers import joining
+from memcg_helpers import MEMORY_V1, joining
 
 from nodemem.host.identity import read_identity
 from nodemem.host.paths import HostPaths
@@ -61,7 +61,7 @@ def test_identity_from_a_kubelet_like_cgroup(
 
     identity = read_identity(HostPaths(), pid)
 
-    assert identity.cgroup == f"/{memcg_root.name}/{relative}"
+    assert identity.cgroup == f"/{memcg_root.relative_to(MEMORY_V1)}/{relative}"
     assert identity.pod_uid == pod_uid
     assert identity.container_id == container_id
     assert identity.qos_class == "Burstable"

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from memcg_helpers import joining
+from memcg_helpers import MEMORY_V1, joining
 
 from nodemem.host.oom_adj import AdjState, set_oom_score_adj
 from nodemem.host.oom_predict import OomPrediction, predict_victims
 from nodemem.host.paths import HostPaths
+from nodemem.policy.pods import PodDirectory
+from nodemem.policy.report import oom_preview
 
 pytestmark = pytest.mark.privileged
 
@@ -184,6 +186,7 @@ def test_kernel_kills_in_the_predicted_order(
         assert time.monotonic() < deadline, f"only {killed} killed in time"
         prediction = predict_victims(PATHS, cgroup=cgroup)
         assert {c.pid for c in prediction.victims} == {p.pid for p in alive.values()}
+        assert all(c.group is None for c in prediction.victims)  # v1: never a group kill
         grown = _grow(grower, deadline)
         # G now waits for the next line (or is dead): nothing allocates while we look.
         kills = _oom_kills(memcg) - kills_before - len(killed)
@@ -196,7 +199,7 @@ def test_kernel_kills_in_the_predicted_order(
         assert len(dead) == kills, f"{kills} killed, {dead} died"
         for victim in dead:
             assert alive[victim].returncode == -9, f"{victim} died by {alive[victim].returncode}"
-        assert prediction.scope == f"/{memcg.name}"
+        assert prediction.scope == f"/{memcg.relative_to(MEMORY_V1)}"
         assert prediction.totalpages == LIMIT // os.sysconf("SC_PAGE_SIZE")
         print(f"killed {dead}; predicted {_describe(prediction, names)}")
         expected = [names[c.pid] for c in prediction.victims[:kills]]
@@ -211,3 +214,26 @@ def test_kernel_kills_in_the_predicted_order(
     assert len(killed) >= KILLS, f"only {killed} killed in {MAX_STEPS} steps"
     assert killed == predicted
     assert killed[0] == "D"  # adj 900 is worth 58,500 pages here: nothing else comes close
+
+
+def test_v1_previews_no_group_kill(
+    memcg: Path, processes: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    """v1 has no memory.oom.group: each victim dies alone, in a memcg OOM and node-wide."""
+    deadline = time.monotonic() + TEST_DEADLINE_S
+    for worker in (Worker("A", 0, 4 * MIB), Worker("B", 0, 2 * MIB)):
+        processes[worker.name] = _start(worker, memcg)
+        _await_ready(processes[worker.name], deadline)
+    pids = {p.pid for p in processes.values()}
+
+    for prediction in (
+        predict_victims(PATHS, cgroup=str(memcg)),
+        predict_victims(PATHS, limit=10_000),
+    ):
+        preview = oom_preview(PATHS, prediction, PodDirectory()).model_dump(by_alias=True)
+        ours = [v for v in preview["predictedVictims"] if v["pid"] in pids]
+        assert {v["pid"] for v in ours} == pids
+        for victim in ours:
+            assert victim["oomGroup"] is None
+            assert victim["killedWith"] == []
+            assert victim["groupRssBytes"] == victim["rssBytes"]

@@ -16,7 +16,8 @@ import pytest
 
 from nodemem.host.shmem import NodeScan, ShmemObject, scan_node
 
-pytestmark = pytest.mark.privileged
+# guest_also: the same attribution on the guest's 6.1 kernel (cgroup v2).
+pytestmark = [pytest.mark.privileged, pytest.mark.guest_also]
 
 SIZE = 32 << 20
 MiB = 1 << 20

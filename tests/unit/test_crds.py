@@ -290,7 +290,16 @@ def _report_status() -> NodeMemoryReportStatus:
             rules=[OomRuleStatus(name="db", policy="oom", matched=3, adjusted=2, failed=1)],
             failures=[OomFailure(pid=7, comm="x", rule="db", state="Failed", message="gone")],
             predicted_victims=[
-                PredictedVictim(pid=9, comm="app", oom_score_adj=0, score=1000, rss_bytes=1 << 30)
+                PredictedVictim(
+                    pid=9,
+                    comm="app",
+                    oom_score_adj=0,
+                    score=1000,
+                    rss_bytes=1 << 30,
+                    oom_group="/kubepods.slice/pod.slice/ctr.scope",
+                    killed_with=[10, 11],
+                    group_rss_bytes=3 << 30,
+                )
             ],
         ),
         conditions=conditions,

@@ -83,6 +83,15 @@ CASES: list[tuple[str, PodCgroup]] = [
         f"/system.slice/containerd.service/kubepods-burstable-pod{UID_}.slice:cri-containerd:{CID}",
         PodCgroup(UID, CID, "Burstable"),
     ),
+    # read from inside a cgroup namespace (v2 containers): the levels above show as ".."
+    (f"/../../burstable/pod{UID}/{CID}", PodCgroup(UID, CID, "Burstable")),
+    (f"/../../../besteffort/pod{UID}/{CID}", PodCgroup(UID, CID, "BestEffort")),
+    (f"/../pod{UID}/{CID}", PodCgroup(UID, CID, None)),  # same QoS level as the reader's
+    (
+        f"/../../kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope",
+        PodCgroup(UID, CID, "Burstable"),
+    ),
+    (f"/../{CID}", PodCgroup(None, None, None)),  # a sibling container of the same pod
     # not pods
     ("/", PodCgroup(None, None, None)),
     ("/kubepods.slice/kubepods-burstable.slice", PodCgroup(None, None, None)),

@@ -3,6 +3,7 @@ exclusions and ordering on a fake /proc, cgroup limits on a fake cgroup tree."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from nodemem.host import oom_predict
 from nodemem.host.oom_predict import badness, candidate_from_status, predict_victims
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import parse_status
+from nodemem.policy.pods import PodDirectory
+from nodemem.policy.report import oom_preview
+from nodemem.tables import _group_kill_lines
 
 MEMCG_256M_PAGES = (256 << 20) // 4096  # 65,536 → adj multiplier 65
 
@@ -248,3 +252,225 @@ def test_v2_hierarchy_is_found_by_its_controllers(tmp_path: Path) -> None:
     (pod / "memory.max").write_text("max\n")
     unlimited = predict_victims(paths, cgroup="/kubepods.slice/pod.slice")
     assert unlimited.totalpages == (17 << 30) // oom_predict.PAGE_SIZE
+
+
+# --- group kills (memory.oom.group, cgroup v2): docs/kernel-facts.md#oom-group-kills ---------
+
+
+class V2Tree:
+    """A host root with cgroup2 at /sys/fs/cgroup and a fake /proc, for group kills."""
+
+    def __init__(self, tmp_path: Path, *, mountinfo: str | None = None) -> None:
+        self.host = tmp_path / "host"
+        self.proc = tmp_path / "proc"
+        _fake_proc(self.proc, mem_kb=16 << 20)
+        (self.proc / "sys" / "vm").mkdir(parents=True)
+        (self.proc / "sys" / "vm" / "swappiness").write_text("60\n")
+        (self.proc / "1").mkdir()
+        (self.proc / "1" / "mountinfo").write_text(
+            mountinfo or "30 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
+        )
+        self.root = self.host / "sys/fs/cgroup"
+        self.root.mkdir(parents=True)
+        (self.root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+        (self.root / "cgroup.procs").write_text("")
+        self.paths = HostPaths(host_root=self.host, proc_root=self.proc)
+
+    def cgroup(self, relative: str, *, group: int | None = 0, limit: str = "max") -> Path:
+        """A memcg (memory.* files) unless group is None (no memory controller there)."""
+        directory = self.root / relative
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cgroup.procs").write_text("")
+        if group is not None:
+            (directory / "memory.oom.group").write_text(f"{group}\n")
+            (directory / "memory.max").write_text(f"{limit}\n")
+        return directory
+
+    def process(
+        self, directory: Path, pid: int, rss_mib: int, adj: int = 0, status: str | None = None
+    ) -> None:
+        procs = directory / "cgroup.procs"
+        procs.write_text(procs.read_text() + f"{pid}\n")
+        if pid != 1 or not (self.proc / "1" / "status").exists():
+            (self.proc / str(pid)).mkdir(exist_ok=True)
+        (self.proc / str(pid) / "status").write_text(
+            status or _status(pid, f"p{pid}", rss_mib * 1024, 0)
+        )
+        (self.proc / str(pid) / "oom_score_adj").write_text(f"{adj}\n")
+
+
+def _groups(prediction: oom_predict.OomPrediction) -> dict[int, oom_predict.GroupKill | None]:
+    return {c.pid: c.group for c in prediction.victims}
+
+
+POD = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice"
+
+
+def test_group_on_the_container_kills_its_other_tasks(tmp_path: Path) -> None:
+    tree = V2Tree(tmp_path)
+    app = tree.cgroup(f"{POD}/cri-containerd-app.scope", group=1)
+    sidecar = tree.cgroup(f"{POD}/cri-containerd-sidecar.scope", group=0)
+    tree.process(app, 100, 300)  # the victim
+    tree.process(app, 101, 20)
+    tree.cgroup(f"{POD}/cri-containerd-app.scope/sub", group=None)  # no memory controller
+    tree.process(app / "sub", 102, 10)  # in the group's subtree: killed with it
+    tree.process(sidecar, 200, 50)  # another container: survives
+    tree.process(tree.root, 300, 5)  # the root memcg: never a group
+
+    prediction = predict_victims(tree.paths)
+
+    assert [c.pid for c in prediction.victims] == [100, 200, 101, 102, 300]
+    group = _groups(prediction)[100]
+    assert group == oom_predict.GroupKill(
+        cgroup=f"/{POD}/cri-containerd-app.scope",
+        killed_with=(101, 102),
+        killed_with_rss_bytes=30 << 20,
+    )
+    assert _groups(prediction)[101] == replace(
+        group, killed_with=(100, 102), killed_with_rss_bytes=310 << 20
+    )
+    assert _groups(prediction)[200] is None  # oom.group 0
+    assert _groups(prediction)[300] is None  # the root memcg
+
+
+def test_the_highest_group_up_to_the_domain_wins(tmp_path: Path) -> None:
+    tree = V2Tree(tmp_path)
+    tree.cgroup("kubepods.slice", group=0)
+    pod = tree.cgroup(POD, group=1, limit=str(512 << 20))
+    tree.cgroup(POD.rsplit("/", 1)[0], group=1)  # above the pod
+    ctr = tree.cgroup(f"{POD}/ctr.scope", group=1, limit=str(256 << 20))
+    other = tree.cgroup(f"{POD}/other.scope", group=0)
+    tree.process(ctr, 100, 200)
+    tree.process(other, 101, 10)
+
+    # Node OOM: the domain is the root; the highest group is the burstable slice.
+    node = _groups(predict_victims(tree.paths))[100]
+    assert node is not None
+    assert node.cgroup == "/kubepods.slice/kubepods-burstable.slice"
+    assert node.killed_with == (101,)
+    # OOM in the pod: the walk stops at the pod, which has oom.group set.
+    in_pod = _groups(predict_victims(tree.paths, cgroup=f"/{POD}"))[100]
+    assert in_pod is not None
+    assert in_pod.cgroup == f"/{POD}"
+    assert in_pod.killed_with == (101,)
+    # OOM in the container: only the container's own group counts.
+    in_ctr = _groups(predict_victims(tree.paths, cgroup=f"/{POD}/ctr.scope"))[100]
+    assert in_ctr == oom_predict.GroupKill(f"/{POD}/ctr.scope", (), 0)
+    # ... and with oom.group unset there, the pod's group (above the domain) does not.
+    (ctr / "memory.oom.group").write_text("0\n")
+    assert _groups(predict_victims(tree.paths, cgroup=f"/{POD}/ctr.scope"))[100] is None
+    assert pod.is_dir()
+
+
+def test_unkillable_init_kthreads_and_zombies_are_not_killed_with_it(tmp_path: Path) -> None:
+    tree = V2Tree(tmp_path)
+    ctr = tree.cgroup("ctr", group=1, limit=str(64 << 20))
+    tree.process(ctr, 100, 40)
+    tree.process(ctr, 101, 5, adj=-1000)  # OOM_SCORE_ADJ_MIN: spared
+    tree.process(ctr, 102, 5, adj=-999)  # killed: only -1000 is spared
+    tree.process(ctr, 103, 0, status=KTHREAD_STATUS)  # no mm
+    tree.process(ctr, 104, 0, status=ZOMBIE_STATUS)  # no mm
+    tree.process(ctr, 1, 3)  # global init (a container's pid 1 is no global init)
+    (ctr / "cgroup.procs").write_text((ctr / "cgroup.procs").read_text() + "105\n")  # gone
+
+    group = _groups(predict_victims(tree.paths, cgroup="/ctr"))[100]
+
+    assert group == oom_predict.GroupKill("/ctr", (102,), 5 << 20)
+
+
+def test_unreadable_members_are_counted_as_killed(tmp_path: Path) -> None:
+    tree = V2Tree(tmp_path)
+    ctr = tree.cgroup("ctr", group=1)
+    tree.process(ctr, 100, 40)
+    tree.process(ctr, 101, 5)
+    (tree.proc / "101" / "status").write_text("not a status file\n")  # ValueError: unreadable
+
+    prediction = predict_victims(tree.paths, cgroup="/ctr")
+
+    assert prediction.unreadable == 1
+    assert _groups(prediction)[100] == oom_predict.GroupKill("/ctr", (101,), 0)
+
+
+def test_an_exiting_victim_kills_nobody_else(tmp_path: Path) -> None:
+    tree = V2Tree(tmp_path)
+    ctr = tree.cgroup("ctr", group=1)
+    tree.process(ctr, 100, 40)
+    tree.process(ctr, 101, 5)
+    fields = ["S", "1", "100", "100", "0", "-1", "{flags}", *["0"] * 44]
+    stat = "100 (p100) " + " ".join(fields)
+    (tree.proc / "100" / "stat").write_text(stat.format(flags=0x400000))
+    assert _groups(predict_victims(tree.paths))[100] is not None
+    (tree.proc / "100" / "stat").write_text(stat.format(flags=0x400000 | oom_predict.PF_EXITING))
+    assert _groups(predict_victims(tree.paths))[100] is None
+
+
+def test_an_unlimited_cgroup_oom_is_a_node_oom_for_groups(tmp_path: Path) -> None:
+    tree = V2Tree(tmp_path)
+    tree.cgroup("pod", group=1)
+    ctr = tree.cgroup("pod/ctr", group=0)  # no limit: the OOM happens above it
+    other = tree.cgroup("pod/other", group=0)
+    tree.process(ctr, 100, 40)
+    tree.process(other, 101, 5)
+
+    prediction = predict_victims(tree.paths, cgroup="/pod/ctr")
+
+    assert [c.pid for c in prediction.victims] == [100]  # ranked: its own processes
+    assert _groups(prediction)[100] == oom_predict.GroupKill("/pod", (101,), 5 << 20)
+
+
+def test_v1_and_no_memory_hierarchy_never_kill_a_group(tmp_path: Path) -> None:
+    paths, app = _fake_memcg(tmp_path, limit=str(256 << 20), memsw=None)
+    (app / "memory.oom.group").write_text("1\n")  # not a v1 file; ignored even if present
+    v1 = predict_victims(paths, cgroup="/app")
+    assert v1.victims
+    assert all(c.group is None for c in v1.victims)
+    assert all(c.group is None for c in predict_victims(paths).victims)
+
+    _fake_proc(tmp_path / "bare", mem_kb=1 << 20)
+    _fake_pid(tmp_path / "bare", 10, _status(10, "a", 100, 0), 0)
+    bare = predict_victims(HostPaths(proc_root=tmp_path / "bare"))  # no mountinfo at all
+    assert [c.group for c in bare.victims] == [None]
+
+
+def test_cgroup_namespace_mount_root_shows_host_paths(tmp_path: Path) -> None:
+    # A cgroup2 mount of a sub-tree (bind or cgroup namespace): paths keep its root.
+    tree = V2Tree(
+        tmp_path,
+        mountinfo="30 23 0:27 /kubepods.slice /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+    )
+    ctr = tree.cgroup("pod/ctr", group=1)
+    tree.process(ctr, 100, 40)
+    group = _groups(predict_victims(tree.paths))[100]
+    assert group is not None
+    assert group.cgroup == "/kubepods.slice/pod/ctr"
+
+
+def test_preview_json_and_text_name_the_group(tmp_path: Path) -> None:
+    tree = V2Tree(tmp_path)
+    cid = "ab" * 32
+    uid = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"
+    pod = f"kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice"
+    app = tree.cgroup(f"{pod}/cri-containerd-{cid}.scope", group=1)
+    tree.process(app, 100, 300)
+    tree.process(app, 101, 20)
+    above = tree.cgroup("system.slice/db.service", group=1)
+    tree.process(above, 200, 50)
+    tree.process(tree.root, 300, 5)
+
+    preview = oom_preview(tree.paths, predict_victims(tree.paths), PodDirectory())
+    document = preview.model_dump(mode="json", by_alias=True)
+
+    by_pid = {v["pid"]: v for v in document["predictedVictims"]}
+    assert by_pid[100]["oomGroup"] == f"/{pod}/cri-containerd-{cid}.scope"
+    assert by_pid[100]["killedWith"] == [101]
+    assert by_pid[100]["groupRssBytes"] == 320 << 20
+    assert by_pid[300]["oomGroup"] is None
+    assert by_pid[300]["killedWith"] == []
+    assert by_pid[300]["groupRssBytes"] == 5 << 20
+    lines = _group_kill_lines(preview.predicted_victims)
+    # Named by pod (UID here: no pod directory) and container, or by cgroup path.
+    assert lines == [
+        f"  #1 (pid 100) kills 2 processes of {uid}/{cid[:12]}, 320 MiB (memory.oom.group)",
+        "  #2 (pid 200) kills 1 process of /system.slice/db.service, 50 MiB (memory.oom.group)",
+        f"  #3 (pid 101) kills 2 processes of {uid}/{cid[:12]}, 320 MiB (memory.oom.group)",
+    ]

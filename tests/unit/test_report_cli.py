@@ -24,6 +24,8 @@ MEMORY_KEYS = {
     "pageTablesBytes",
     "vmallocUsedBytes",
     "processRssBytes",
+    "pressure",  # /proc/pressure/memory, null without PSI: tests/unit/test_memcg_futile.py
+    "oomKills",
 }
 ITEM_KEYS = {"kind", "name", "bytes", "pids", "pod", "note"}
 EXAMPLE = Path(__file__).parents[2] / "examples" / "dev-shm-limit.yaml"
@@ -43,7 +45,9 @@ def test_json_has_the_documented_shape_and_adds_up(capsys: pytest.CaptureFixture
         "oom",
         "unreadableProcesses",
         "unreadable",
+        "pods",
     }
+    assert isinstance(report["pods"], list)  # this host has no kubepods: tests/unit/test_podmem.py
     assert report["warnings"] == []  # this host's /proc is sane
     oom = report["oom"]
     assert oom["scope"] == "node"
@@ -51,8 +55,13 @@ def test_json_has_the_documented_shape_and_adds_up(capsys: pytest.CaptureFixture
     scores = [victim["score"] for victim in oom["predictedVictims"]]
     assert scores == sorted(scores, reverse=True)
     for victim in oom["predictedVictims"]:
-        assert set(victim) == {"pid", "comm", "oomScoreAdj", "score", "rssBytes", "pod"}
+        assert set(victim) == {
+            *("pid", "comm", "oomScoreAdj", "score", "rssBytes", "pod"),
+            *("oomGroup", "killedWith", "groupRssBytes"),
+        }
         assert victim["pid"] != 1
+        assert victim["oomGroup"] is None  # this host's memory controller is v1
+        assert victim["groupRssBytes"] == victim["rssBytes"]
     assert set(report["memory"]) == MEMORY_KEYS
     shmem = report["shmem"]
     assert set(shmem["byKind"]) == {"tmpfs", "sysv", "memfd", "sharedAnon", "detachedTmpfs"}

@@ -54,7 +54,7 @@ class ClusterAgentOptions:
 
 class Reporter:
     """After every cycle: attribute Shmem, preview the OOM, write the report if due,
-    post Events for new refusals and a new leak suspicion, update the metrics."""
+    post Events for new refusals, a new leak suspicion or OOM loop risk, update the metrics."""
 
     def __init__(self, writer: ReportWriter, metrics: AgentMetrics, paths: HostPaths) -> None:
         self.writer = writer
@@ -70,10 +70,16 @@ class Reporter:
             self.writer.previous_conditions,
         )
         before = {c.type: c.status for c in self.writer.previous_conditions}
+        reasons = {c.type: c.reason for c in self.writer.previous_conditions}
         if self.writer.write(status):
-            self._post_events(status, before)
+            self._post_events(status, before, reasons)
 
-    def _post_events(self, status: NodeMemoryReportStatus, before: Mapping[str, str]) -> None:
+    def _post_events(
+        self,
+        status: NodeMemoryReportStatus,
+        before: Mapping[str, str],
+        before_reasons: Mapping[str, str] | None = None,
+    ) -> None:
         for item in status.tmpfs:
             if item.state in ("Refused", "Failed", "RestoreRefused"):
                 self.writer.event(f"Tmpfs{item.state}", f"{item.path}: {item.message}")
@@ -94,6 +100,16 @@ class Reporter:
         leak = next((c for c in status.conditions if c.type == "ShmemLeakSuspected"), None)
         if leak is not None and leak.status == "True" and before.get(leak.type) != "True":
             self.writer.event("ShmemLeakSuspected", leak.message)
+        loop = next((c for c in status.conditions if c.type == "OOMLoopRisk"), None)
+        # Once when a risk appears, once more when it becomes a loop (repeated kills).
+        if loop is not None and loop.status == "True" and before.get(loop.type) != "True":
+            self.writer.event("OOMLoopRisk", loop.message)
+        elif (
+            loop is not None
+            and loop.reason == "RepeatedOOMKills"
+            and ((before_reasons or {}).get(loop.type) != "RepeatedOOMKills")
+        ):
+            self.writer.event("OOMLoop", loop.message)
 
 
 class ClusterAgent:

@@ -22,6 +22,12 @@ Series (all gauges reflect the last cycle; counters accumulate since start):
   nodemem_oom_kills_total                   the kernel's OOM kills since boot (vmstat)
   nodemem_memory_pressure_seconds_total{kind}  PSI memory stall time, some/full
                                             (absent where the kernel has no PSI)
+  nodemem_memory_pressure_avg10{kind}       PSI avg10 and avg60 (percent), some/full
+  nodemem_memory_pressure_avg60{kind}       (absent where the kernel has no PSI)
+  nodemem_pod_oom_kills_total{pod}          OOM kills in a pod's cgroup (memory.events),
+                                            the MAX_POD_SERIES pods with most kills
+  nodemem_oom_futile_cgroups                memory cgroups where a kill frees nothing
+  nodemem_oom_loop_kills{cgroup,pod}        kills seen in each of them (the first 20)
   nodemem_cleanup_freed_bytes_total{rule}   bytes removed by cleanups
   nodemem_cleanup_held_open_files{rule}     files kept because a process holds them
   nodemem_oom_adjustments_total{rule}       oom_score_adj writes
@@ -50,15 +56,24 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from nodemem.api.report import ApplyReport, HostReport, printable
+from nodemem.host.memcg import OomLoopWatch
 from nodemem.host.mounts import dev_string
 from nodemem.host.oom_predict import predict_victims
 from nodemem.host.paths import HostPaths
+from nodemem.host.podmem import PodMemory, read_pod_memory
 from nodemem.host.shmem import NodeScan, ShmemTracker
-from nodemem.host.vmstat import read_memory_pressure, read_oom_kills
+from nodemem.host.vmstat import read_memory_pressure, read_oom_kills, read_pressure_lines
 from nodemem.policy.apply import ApplyResult
 from nodemem.policy.effective import EffectivePolicy
 from nodemem.policy.pods import PodDirectory
-from nodemem.policy.report import apply_report, host_report, oom_preview
+from nodemem.policy.report import (
+    apply_report,
+    futile_items,
+    host_report,
+    node_counters,
+    oom_preview,
+    pod_memory_items,
+)
 
 if TYPE_CHECKING:
     from nodemem.agent.loop import NodeAgent
@@ -72,6 +87,8 @@ log = logging.getLogger("nodemem.agent.metrics")
 DEFAULT_TOP_OBJECTS = 20
 MAX_TMPFS_MOUNTS = 200
 MAX_LABEL_CHARS = 512
+MAX_POD_SERIES = 100
+MAX_FUTILE_SERIES = 20
 MEMORY_PARTS = {  # nodemem_memory_bytes{part}: the MemorySummary field behind each part
     "total": "total_bytes",
     "available": "available_bytes",
@@ -127,8 +144,10 @@ class AgentMetrics:
         )
         self._scan_series = _Snapshot()
         self._apply_series = _Snapshot()
+        self._pod_series = _Snapshot()
         r.register(self._scan_series)
         r.register(self._apply_series)
+        r.register(self._pod_series)
         self.shmem = Gauge("nodemem_shmem_bytes", "Shmem attributed, by kind", ["kind"], registry=r)
         self.unaccounted = Gauge(
             "nodemem_shmem_unaccounted_bytes", "Shmem in no known object", registry=r
@@ -230,7 +249,47 @@ class AgentMetrics:
             for kind, seconds in sorted(pressure.items()):
                 stalls.add_metric([kind], seconds)
             families.append(stalls)
+        lines = read_pressure_lines(paths) if paths is not None else None
+        if lines is not None:
+            for window in ("avg10", "avg60"):
+                gauge = GaugeMetricFamily(
+                    f"nodemem_memory_pressure_{window}",
+                    f"Percent of the last {window[3:]} s tasks stalled on memory (PSI)",
+                    labels=["kind"],
+                )
+                for kind, line in sorted(lines.items()):
+                    gauge.add_metric([kind], getattr(line, window))
+                families.append(gauge)
         self._scan_series.families = families
+
+    def observe_pods(self, memory: list[PodMemory], pods: PodDirectory, report: HostReport) -> None:
+        """Per-pod OOM kills (bounded: the pods with most kills, then most memory) and the
+        memcgs where a kill frees nothing."""
+        kills = CounterMetricFamily(
+            "nodemem_pod_oom_kills",
+            f"OOM kills in the pod's cgroup (memory.events), at most {MAX_POD_SERIES} pods",
+            labels=["pod"],
+        )
+        counted = [m for m in memory if m.oom_kills is not None]
+        counted.sort(key=lambda m: (-(m.oom_kills or 0), -m.memory_bytes, m.uid))
+        for pod in counted[:MAX_POD_SERIES]:
+            info = pods.get(pod.uid)
+            name = f"{info.namespace}/{info.name}" if info else pod.uid
+            kills.add_metric([label(name)], pod.oom_kills or 0)
+        futile = report.oom.futile if report.oom is not None else []
+        count = GaugeMetricFamily(
+            "nodemem_oom_futile_cgroups",
+            "Memory cgroups near their limit with mostly Shmem: a kill frees nothing",
+            value=len(futile),
+        )
+        loops = GaugeMetricFamily(
+            "nodemem_oom_loop_kills",
+            "OOM kills the agent saw in such a memory cgroup (2 or more: a loop)",
+            labels=["cgroup", "pod"],
+        )
+        for item in futile[:MAX_FUTILE_SERIES]:
+            loops.add_metric([label(item.cgroup), label(item.pod or "")], item.loop_kills)
+        self._pod_series.families = [kills, count, loops]
 
     def observe_apply(self, report: ApplyReport) -> None:
         states = GaugeMetricFamily(
@@ -277,6 +336,7 @@ class CycleMetrics:
         self.metrics = metrics
         self.paths = paths
         self.tracker = ShmemTracker(paths)  # re-reads only changed processes, all every 10
+        self.oom_loops = OomLoopWatch()  # oom_kill of futile memcgs across cycles
         self._exec_counts: dict[str, Tally[str]] = {}
         self._cleanup_runs: dict[str, str | None] = {}
 
@@ -290,9 +350,16 @@ class CycleMetrics:
         scan = self.tracker.scan()
         prediction = predict_victims(self.paths, statuses=scan.processes)
         preview = oom_preview(self.paths, prediction, agent.pods)
-        host = host_report(scan, top=10, oom=preview)
+        pod_memory = read_pod_memory(self.paths)
+        pods = pod_memory_items(pod_memory, agent.pods, 10)
+        preview.futile = futile_items(self.oom_loops.observe(self.paths, scan), agent.pods)
+        pressure, oom_kills = node_counters(self.paths)
+        host = host_report(
+            scan, top=10, oom=preview, pods=pods, pressure=pressure, oom_kills=oom_kills
+        )
         self.metrics.observe_host(host, time.perf_counter() - started)
         self.metrics.observe_scan(scan, agent.pods, self.paths)
+        self.metrics.observe_pods(pod_memory, agent.pods, host)
         self.metrics.observe_apply(apply_report(effective, applied, dry_run=agent.settings.dry_run))
         self._observe_exec(agent)
         self._observe_cleanups(agent)

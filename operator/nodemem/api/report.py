@@ -47,6 +47,20 @@ class ReportModel(BaseModel):
         return value
 
 
+class PressureLine(ReportModel):
+    avg10: float = Field(description="Percent of the last 10 s tasks stalled on memory.")
+    avg60: float = Field(description="Percent of the last 60 s.")
+    total_microseconds: int = Field(description="Stall time since boot.")
+
+
+class MemoryPressure(ReportModel):
+    """/proc/pressure/memory (PSI): `some`, at least one task stalled on memory; `full`,
+    all non-idle tasks at once."""
+
+    some: PressureLine | None = None
+    full: PressureLine | None = None
+
+
 class MemorySummary(ReportModel):
     """Where the node's memory is, from /proc/meminfo and the process table. Bytes."""
 
@@ -61,6 +75,15 @@ class MemorySummary(ReportModel):
     vmalloc_used_bytes: int = Field(description="VmallocUsed.")
     process_rss_bytes: int = Field(
         description="Sum of VmRSS over all processes (shared pages counted once per process)."
+    )
+    pressure: MemoryPressure | None = Field(
+        default=None,
+        description="/proc/pressure/memory; null where the kernel has no PSI (CONFIG_PSI off, "
+        "or psi=0 on its command line).",
+    )
+    oom_kills: int | None = Field(
+        default=None,
+        description="/proc/vmstat oom_kill: OOM kills since boot (null before Linux 4.13).",
     )
 
 
@@ -122,6 +145,55 @@ class PredictedVictim(ReportModel):
     score: int = Field(description="The kernel's oom_badness in pages (may be negative).")
     rss_bytes: int
     pod: str | None = Field(default=None, description="namespace/name, or the pod UID.")
+    oom_group: str | None = Field(
+        default=None,
+        description="cgroup v2: the cgroup (path as in /proc/PID/cgroup) whose "
+        "memory.oom.group=1 makes this kill a group kill; null when only this process dies "
+        "(always on v1).",
+    )
+    killed_with: list[int] = Field(
+        default_factory=list,
+        description="Pids of every other process the kernel kills with it (the group's, "
+        "except oom_score_adj -1000 and init); [] when none.",
+    )
+    group_rss_bytes: int = Field(description="RSS of this process and killedWith together.")
+
+
+class FutileHolder(ReportModel):
+    kind: str = Field(
+        description="A Shmem kind (tmpfs, sysv, memfd, sharedAnon, detachedTmpfs), or `file`: "
+        "one of the largest files of the tmpfs listed before it."
+    )
+    name: str = Field(description="Mount point, file path, `shmid N`, `memfd:NAME`.")
+    bytes: int
+
+
+class FutileOom(ReportModel):
+    """A memory cgroup near its limit whose charge is mostly Shmem: no OOM kill can free
+    it (usage >= 90 % of the limit, shmem >= 50 % of usage)."""
+
+    cgroup: str = Field(description="The memcg's path in the memory hierarchy.")
+    pod: str | None = Field(default=None, description="namespace/name, or the pod UID.")
+    usage_bytes: int = Field(description="memory.current (v1: memory.usage_in_bytes).")
+    limit_bytes: int = Field(description="memory.max (v1: memory.limit_in_bytes).")
+    shmem_bytes: int = Field(description="memory.stat shmem (v1: total_shmem).")
+    freeable_bytes: int = Field(
+        description="usageBytes - shmemBytes: the most that reclaim and killing every task in "
+        "it can give back (tmpfs files and SysV segments outlive their tasks)."
+    )
+    oom_kills: int | None = Field(
+        default=None, description="memory.events oom_kill (v1: oom_control, summed below)."
+    )
+    loop_kills: int = Field(
+        default=0,
+        description="OOM kills the agent saw in this memcg, across its cycles, while it stayed "
+        "like this (0 in a one-shot report); 2 or more: an OOM loop.",
+    )
+    holders: list[FutileHolder] = Field(
+        default_factory=list,
+        description="Shmem objects whose pages may be charged there (the pod's, or held by a "
+        "task inside), largest first, each tmpfs followed by its largest files.",
+    )
 
 
 class OomPreview(ReportModel):
@@ -130,6 +202,9 @@ class OomPreview(ReportModel):
     scope: str = Field(description="`node`, or the memory cgroup the preview is for.")
     total_pages: int = Field(description="RAM + swap, or the cgroup's limit, in pages.")
     predicted_victims: list[PredictedVictim] = Field(description="Next victim first.")
+    futile: list[FutileOom] = Field(
+        default_factory=list, description="Memory cgroups where OOM kills free nothing."
+    )
     badness_truncation_risk: bool = Field(
         description="Kernel before 5.9 and processes with negative oom_score_adj: ties at "
         "score 1 are broken by scan order, not size, so the order is uncertain."
@@ -181,6 +256,40 @@ class ProcessSummary(ReportModel):
     )
 
 
+class PodMemoryItem(ReportModel):
+    """One pod's memory, from its pod cgroup (the sum of its containers). Bytes."""
+
+    uid: str
+    namespace: str | None = Field(default=None, description="From --pods-file or the API.")
+    name: str | None = Field(default=None, description="From --pods-file or the API.")
+    qos_class: Literal["Guaranteed", "Burstable", "BestEffort"] | None = Field(
+        description="From the cgroup path's QoS level (none: Guaranteed); null when a "
+        "cgroup namespace hides it."
+    )
+    memory_bytes: int = Field(description="memory.current (v1: memory.usage_in_bytes).")
+    limit_bytes: int | None = Field(
+        description="memory.max (v1: memory.limit_in_bytes); null when unlimited."
+    )
+    anon_bytes: int = Field(description="memory.stat anon (v1: total_rss).")
+    file_bytes: int = Field(
+        description="memory.stat file (v1: total_cache): page cache, tmpfs and shmem included."
+    )
+    shmem_bytes: int = Field(
+        description="memory.stat shmem (v1: total_shmem): tmpfs, memory-backed emptyDir and "
+        "SysV pages charged to the pod."
+    )
+    oom_kills: int | None = Field(
+        description="memory.events oom_kill (v1: memory.oom_control oom_kill over its live "
+        "cgroups); null when the kernel does not count them."
+    )
+    pressure_some10s: float | None = Field(
+        # to_camel would say "pressureSome10S"; the field keeps its Python name for callers.
+        validation_alias="pressureSome10s",
+        serialization_alias="pressureSome10s",
+        description="memory.pressure `some` avg10 (percent); null on v1 or without PSI.",
+    )
+
+
 class HostReport(ReportModel):
     warnings: list[str] = Field(
         default_factory=list,
@@ -198,6 +307,9 @@ class HostReport(ReportModel):
     )
     processes: ProcessSummary | None = Field(
         default=None, description="Only with --processes: absent from the document otherwise."
+    )
+    pods: list[PodMemoryItem] = Field(
+        default_factory=list, description="The pods using the most memory, largest first."
     )
 
     @model_serializer(mode="wrap")
@@ -368,6 +480,10 @@ class OomStatus(OomCounts):
         default_factory=list, description="Node report: the next OOM victims, next first."
     )
     badness_truncation_risk: bool = False
+    futile: list[FutileOom] = Field(
+        default_factory=list,
+        description="Node report: memory cgroups where OOM kills free nothing (OOMLoopRisk).",
+    )
 
 
 class ApplyReport(ReportModel):

@@ -15,6 +15,7 @@ from nodemem.api.report import (
     CleanupStatus,
     MemorySummary,
     OomStatus,
+    PodMemoryItem,
     PolicyRef,
     ReportModel,
     ShmemSummary,
@@ -25,7 +26,7 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 
 
 class Condition(ReportModel):
-    type: str = Field(description="Accepted, Applied, Degraded or ShmemLeakSuspected.")
+    type: str = Field(description="Accepted, Applied, Degraded, ShmemLeakSuspected or OOMLoopRisk.")
     status: ConditionStatus
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
     message: str = Field(default="", max_length=32768)
@@ -73,6 +74,9 @@ class NodeMemoryReportStatus(ReportModel):
     memory: MemorySummary | None = None
     shmem: ShmemSummary | None = None
     unreadable_processes: int = 0
+    pods: list[PodMemoryItem] = Field(
+        default_factory=list, description="The pods using the most memory, largest first."
+    )
     tmpfs: list[TmpfsStatus] = Field(default_factory=list)
     cleanup: list[CleanupStatus] = Field(default_factory=list)
     oom: OomStatus | None = None

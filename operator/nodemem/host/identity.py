@@ -10,6 +10,8 @@ cgroup v1 or v2, under a configurable root:
 
 Guaranteed pods sit directly under the kubepods level (no QoS level). systemd unit
 names cannot hold "-" inside one name part, so the pod UID's dashes become "_".
+Read from inside a cgroup namespace (containers on v2), the levels above the reader's
+own cgroup show as "..", e.g. `/../../burstable/pod<uid>/<id>`.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def parse_cgroup_path(path: str) -> PodCgroup:
     return _NO_POD
 
 
-def _pod_level(parts: list[str], index: int) -> tuple[str, QosClass, str | None] | None:
+def _pod_level(parts: list[str], index: int) -> tuple[str, QosClass | None, str | None] | None:
     """(pod uid, qos, container id given in the same name) when parts[index] is a pod level."""
     part = parts[index]
     inline_container: str | None = None
@@ -116,12 +118,18 @@ def _pod_level(parts: list[str], index: int) -> tuple[str, QosClass, str | None]
     if cgroupfs is None or index == 0:
         return None
     # cgroupfs pod dirs are recognised only at their place in the tree, so that a
-    # stray directory named pod<uuid> elsewhere is not taken for a pod.
+    # stray directory named pod<uuid> elsewhere is not taken for a pod. Read from inside
+    # a cgroup namespace (an agent container on v2) the levels above the reader's own
+    # cgroup show as "..": such an ancestor may be kubepods, a QoS level unknown.
+    uid = cgroupfs["uid"].replace("_", "-")
     parent = parts[index - 1]
+    grandparent = parts[index - 2] if index >= 2 else None
     if parent == "kubepods":
-        return cgroupfs["uid"].replace("_", "-"), "Guaranteed", None
-    if parent in _QOS_BY_LEVEL and index >= 2 and parts[index - 2] == "kubepods":
-        return cgroupfs["uid"].replace("_", "-"), _QOS_BY_LEVEL[parent], None
+        return uid, "Guaranteed", None
+    if parent in _QOS_BY_LEVEL and grandparent in ("kubepods", ".."):
+        return uid, _QOS_BY_LEVEL[parent], None
+    if parent == "..":
+        return uid, None, None
     return None
 
 

@@ -8,6 +8,9 @@ docs/kernel-facts.md#oom. Per candidate, in pages:
 cgroup's limit (+ allowed swap) for a memcg OOM. /proc/PID/oom_score is never used
 for ranking: it always scales adj by the node's totalpages, which misranks memcg
 OOMs (1/3 right in the measured experiment, against 3/3 for this formula).
+
+On cgroup v2 each victim also gets its group kill (docs/kernel-facts.md#oom-group-kills):
+the tasks `memory.oom.group` makes the kernel kill with it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nodemem.host.meminfo import read_meminfo
@@ -29,6 +32,8 @@ from nodemem.host.procfs import (
     list_pids,
     read_proc_text,
     read_status,
+    read_text,
+    stat_fields,
 )
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -36,6 +41,16 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _LONG_MAX = 2**63 - 1
 # 9066e5cfb73c "mm, oom: make the calculation of oom badness more accurate".
 SIGNED_BADNESS_SINCE = (5, 9)
+PF_EXITING = 0x00000004  # include/linux/sched.h
+
+
+@dataclass(frozen=True)
+class GroupKill:
+    """What `memory.oom.group` makes the kernel kill along with a victim."""
+
+    cgroup: str  # path in the v2 hierarchy, as /proc/PID/cgroup shows it on the host
+    killed_with: tuple[int, ...]  # every other process killed, ascending; may be empty
+    killed_with_rss_bytes: int  # their RSS together (the victim's not included)
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,7 @@ class Candidate:
     swap_bytes: int
     pte_bytes: int
     score: int  # oom_badness() in pages; may be negative
+    group: GroupKill | None = None  # v2 memory.oom.group kill; None: the victim alone
 
 
 @dataclass(frozen=True)
@@ -127,24 +143,39 @@ def predict_victims(
     `kernel_release` defaults to `os.uname().release` (the agent shares the host kernel).
     `statuses` are /proc/PID/status already read in this pass (the attribution scan
     reads them all): they are reused instead of read again.
+    Each victim's `group` is its cgroup-v2 group kill (None on v1 or without a group).
     Raises FileNotFoundError for a cgroup that does not exist, LookupError when no
     memory cgroup hierarchy is mounted.
     """
     meminfo = read_meminfo(paths)
     node_pages = (meminfo["MemTotal"] + meminfo["SwapTotal"]) // PAGE_SIZE
+    # The OOM domain for group kills (v2 only): its directory and every process's cgroup
+    # below it. No limit of its own: the OOM is a node OOM, the domain the root.
+    domain: _Domain | None = None
     if cgroup is None:
         scope = "node"
         pids = list_pids(paths)
         totalpages = node_pages
+        domain = _v2_domain(paths, None)
     else:
         scope, directory, hierarchy = memory_cgroup_dir(paths, cgroup)
-        pids = _subtree_pids(directory)
         limit_pages = _memcg_max_pages(paths, directory, hierarchy, meminfo["SwapTotal"])
         totalpages = node_pages if limit_pages is None else limit_pages
+        if hierarchy.fstype == "cgroup2":
+            domain = _v2_domain(paths, directory if limit_pages is not None else None)
+        if domain is not None and domain.directory == directory:
+            pids = sorted(domain.members)  # the same walk: read once
+        else:
+            pids = _subtree_pids(directory)
 
+    ranked = set(pids)
+    # A group may reach beyond the ranked processes (an unlimited cgroup's OOM is a node
+    # OOM): every process of the domain is read, only the ranked ones are candidates.
+    everyone = sorted(ranked.union(domain.members)) if domain is not None else pids
     candidates: list[Candidate] = []
+    seen: dict[int, tuple[ProcStatus, int] | None] = {}  # None: not readable; absent: gone
     unreadable = 0
-    for pid in pids:
+    for pid in everyone:
         try:
             known = statuses.get(pid) if statuses is not None else None
             status = known if known is not None else read_status(paths, pid)
@@ -152,9 +183,12 @@ def predict_victims(
         except ProcessGone:
             continue
         except (ProcessUnreadable, ValueError):
-            unreadable += 1
+            seen[pid] = None
+            if pid in ranked:
+                unreadable += 1
             continue
-        candidate = candidate_from_status(status, adj, totalpages)
+        seen[pid] = (status, adj)
+        candidate = candidate_from_status(status, adj, totalpages) if pid in ranked else None
         if candidate is not None:
             candidates.append(candidate)
 
@@ -162,18 +196,105 @@ def predict_victims(
     # Scan order (task list / cgroup iteration) is not visible; a higher pid is usually a
     # later fork and so later in the list: approximate with higher pid first.
     candidates.sort(key=lambda c: (c.score, c.pid), reverse=True)
+    victims = candidates[:limit]
+    if domain is not None:
+        victims = [replace(c, group=_group_kill(paths, domain, c.pid, seen)) for c in victims]
     release = kernel_release if kernel_release is not None else os.uname().release
     risk = _kernel_before(release, SIGNED_BADNESS_SINCE) and any(
         c.oom_score_adj < 0 for c in candidates
     )
     return OomPrediction(
-        victims=candidates[:limit],
+        victims=victims,
         totalpages=totalpages,
         scope=scope,
         kernel_release=release,
         badness_truncation_risk=risk,
         unreadable=unreadable,
     )
+
+
+@dataclass(frozen=True)
+class _Domain:
+    mount: Mount  # the cgroup2 mount
+    root: Path  # the mount's directory as reachable from here
+    directory: Path  # the OOM domain: a limited memcg, or `root` for a node OOM
+    members: dict[int, Path]  # pid -> its cgroup directory, for every process in the domain
+
+
+def _v2_domain(paths: HostPaths, directory: Path | None) -> _Domain | None:
+    """The domain on a v2 memory hierarchy; None on v1 (or with none), which never
+    kills a group (`mem_cgroup_get_oom_group` checks `cgroup_subsys_on_dfl`)."""
+    try:
+        mount = _memory_hierarchy(paths)
+    except (LookupError, OSError):  # no memory controller mounted: no memcg, no group
+        return None
+    if mount.fstype != "cgroup2":
+        return None
+    root = paths.host(mount.mount_point)
+    top = root if directory is None else directory
+    return _Domain(mount, root, top, _subtree_members(top))
+
+
+def _group_kill(
+    paths: HostPaths,
+    domain: _Domain,
+    victim: int,
+    seen: Mapping[int, tuple[ProcStatus, int] | None],
+) -> GroupKill | None:
+    """`mem_cgroup_get_oom_group()` + `oom_kill_memcg_member()` for one victim.
+
+    The group is the highest memcg with memory.oom.group=1 from the victim's up to and
+    including the domain. The root has no memory.oom.group file (not on root), nor has
+    a cgroup without the memory controller (it is no memcg): neither is ever a group.
+    """
+    directory = domain.members.get(victim)
+    if directory is None:  # not in the domain: the kernel ignores oom.group then
+        return None
+    group: Path | None = None
+    current = directory
+    while True:
+        if _oom_group_set(current):
+            group = current
+        if current in (domain.directory, domain.root) or current == current.parent:
+            break
+        current = current.parent
+    if group is None or _exiting(paths, victim):
+        return None  # an exiting victim only gets reserves to die: nobody is killed
+    killed_with: list[int] = []
+    rss = 0
+    for pid, where in sorted(domain.members.items()):
+        # Global init is never killed; the victim is counted apart.
+        if pid in (victim, 1) or pid not in seen or (where != group and group not in where.parents):
+            continue
+        read = seen[pid]
+        if read is None:  # unreadable to us, not to the kernel: killed unless -1000
+            killed_with.append(pid)
+            continue
+        status, adj = read
+        # No mm (kernel thread, zombie): __oom_kill_process skips it; -1000 is spared.
+        if status.kthread or adj == OOM_SCORE_ADJ_MIN:
+            continue
+        killed_with.append(pid)
+        rss += status.rss_bytes
+    path = _absolute(domain.mount.root, os.path.relpath(group, domain.root))
+    return GroupKill(cgroup=path, killed_with=tuple(killed_with), killed_with_rss_bytes=rss)
+
+
+def _oom_group_set(directory: Path) -> bool:
+    try:
+        return (directory / "memory.oom.group").read_text().strip() == "1"
+    except OSError:  # no such file: the root, or no memory controller here
+        return False
+
+
+def _exiting(paths: HostPaths, pid: int) -> bool:
+    """PF_EXITING on the process (`task_will_free_mem`, as far as /proc shows it)."""
+    try:
+        stat = read_text(paths, pid, "stat")
+    except (ProcessGone, ProcessUnreadable):
+        return False  # the kill would find it as the ranking did
+    flags = int(stat_fields(stat)[6])  # field 9
+    return bool(flags & PF_EXITING)
 
 
 def _kernel_before(release: str, version: tuple[int, int]) -> bool:
@@ -240,14 +361,20 @@ def _memory_hierarchy(paths: HostPaths) -> Mount:
 
 def _subtree_pids(directory: Path) -> list[int]:
     """Every process in the cgroup and its descendants (cgroups may vanish meanwhile)."""
-    pids: set[int] = set()  # v1 cgroup.procs may repeat a tgid (threads in several cgroups)
+    return sorted(_subtree_members(directory))
+
+
+def _subtree_members(directory: Path) -> dict[int, Path]:
+    """pid -> cgroup directory for every process in the cgroup and its descendants."""
+    # v1 cgroup.procs may repeat a tgid (threads in several cgroups): the last one wins.
+    members: dict[int, Path] = {}
     for current, _dirs, _files in os.walk(directory):
         try:
             text = (Path(current) / "cgroup.procs").read_text()
         except OSError:
             continue
-        pids.update(int(line) for line in text.split())
-    return sorted(pids)
+        members.update((int(line), Path(current)) for line in text.split())
+    return members
 
 
 def _read_pages(file: Path) -> int | None:

@@ -23,9 +23,10 @@ read. `scan_node()` is a full pass.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from nodemem.host.identity import read_pod_cgroup
@@ -225,6 +226,7 @@ class _Scanner:
         self.open_tmpfs_files: dict[tuple[int, int], dict[int, str]] = defaultdict(dict)
         self.foreign_devs: dict[int, int | None] = {}  # dev -> statfs f_type (None: unknown)
         self.sysv_attachers: dict[tuple[int, int], dict[int, str]] = defaultdict(dict)
+        self.pod_of: dict[int, str | None] = {}  # pid -> pod UID, read once per pass
         self.sysv_hugetlb: set[tuple[int, int]] = set()
         self.own_mnt = self.own_namespace("mnt")
         self.boring_map_devs: set[str] = {"00:00"}
@@ -682,21 +684,88 @@ class _Scanner:
             mounts.append(TmpfsMount(sb.dev, obj.name, sb.size, obj.bytes, obj.pod))
         return mounts
 
+    def pod_of_pid(self, pid: int) -> str | None:
+        if pid not in self.pod_of:
+            try:
+                self.pod_of[pid] = read_pod_cgroup(self.paths, pid).pod_uid
+            except (ProcessGone, ProcessUnreadable):
+                self.pod_of[pid] = None
+        return self.pod_of[pid]
+
+    def only_pod(self, pids: Iterable[int]) -> str | None:
+        """The pod every one of `pids` runs in; None when one is in no pod or pods differ."""
+        found: str | None = None
+        for pid in pids:
+            pod = self.pod_of_pid(pid)
+            if pod is None or (found is not None and pod != found):
+                return None  # stops at the first host process: most namespaces end here
+            found = pod
+        return found
+
     def pods_from_holders(self) -> None:
         """An object whose holders all run in one pod belongs to that pod."""
-        pod_of: dict[int, str | None] = {}
         for obj in self.objects.values():
             if obj.pod is not None or not obj.holders:
                 continue
-            for pid in obj.holders:
-                if pid not in pod_of:
-                    try:
-                        pod_of[pid] = read_pod_cgroup(self.paths, pid).pod_uid
-                    except (ProcessGone, ProcessUnreadable):
-                        pod_of[pid] = None
-            pods = {pod_of[pid] for pid in obj.holders}
+            pods = {self.pod_of_pid(pid) for pid in obj.holders}
             if len(pods) == 1:
                 obj.pod = pods.pop()
+
+    def pods_from_charge(self) -> None:
+        """The pod an object's pages are charged to, for objects no holder names a pod of.
+
+        A shmem page is charged to the memcg of the task that allocated it (faulted it in
+        or wrote it) and stays charged there; no per-object record of that exists, so
+        only what narrows the allocators to one pod is used
+        (docs/kernel-facts.md#pods):
+        - a tmpfs mounted only in mount namespaces whose processes all run in one pod
+          (a pod's /dev/shm, a tmpfs a container mounted), and elsewhere at most where
+          the runtime keeps the sandbox's /dev/shm: only that pod writes it;
+        - a SysV segment of a pod's own IPC namespace: only that pod can attach it.
+          In the host's, an orphan's creator (cpid), while it lives, is already among
+          its holders (add_sysv): usually the creator also touched the pages first.
+        memfds and shared anonymous memory are left to their holders: their pages' memcgs
+        are only visible page by page (/proc/kpagecgroup by PFN through pagemap), far too
+        costly for a scan, and not at all for an fd-only memfd's unmapped pages.
+        """
+        ns_of = {pid: ns for ns, pids in self.mnt_ns.items() for pid in pids}
+        for sb in self.superblocks.values():
+            obj = self.objects.get(("tmpfs", sb.dev))
+            if obj is None or obj.pod is not None:
+                continue
+            obj.pod = self.pod_of_mounts(sb, ns_of)
+            if obj.pod is not None:
+                obj.note = _joined(obj.note, "pod: mounted only in its containers")
+        own_ipc = self.own_namespace("ipc")
+        for key, obj in self.objects.items():
+            ns = key[1]  # ("sysv", ipc namespace, shmid)
+            if key[0] != "sysv" or not isinstance(ns, int) or ns == own_ipc or obj.pod:
+                continue
+            obj.pod = self.only_pod(self.ipc_ns.get(ns, ()))
+            if obj.pod is not None:
+                obj.note = _joined(obj.note, "pod: its IPC namespace")
+
+    def pod_of_mounts(self, sb: _Superblock, ns_of: Mapping[int, int]) -> str | None:
+        """The one pod whose containers' mount namespaces show `sb`, if no one else can
+        write it: outside that pod it may be mounted only where the container runtime
+        keeps a sandbox's /dev/shm (host/pod_shm.py), not at /dev/shm of the node."""
+        pods: set[str] = set()
+        for pid, mount in sb.mounts:
+            ns = ns_of.get(pid)
+            pod = None if ns is None else self.only_pod(self.mnt_ns[ns])
+            if pod is not None:
+                pods.add(pod)
+            elif _SANDBOX_SHM.search(mount.mount_point) is None:
+                return None
+        return pods.pop() if len(pods) == 1 else None
+
+
+# containerd: .../io.containerd.grpc.v1.cri/sandboxes/<id>/shm; CRI-O: .../<id>/userdata/shm
+_SANDBOX_SHM = re.compile(r"/(?:sandboxes/[0-9a-f]{64}|[0-9a-f]{64}/userdata)/shm$")
+
+
+def _joined(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more
 
 
 def _superblock_name(scanner: _Scanner, sb: _Superblock) -> str:
@@ -750,6 +819,7 @@ def _scan(
     scanner.scan_sysv()
     scanner.finish_superblocks()
     scanner.pods_from_holders()
+    scanner.pods_from_charge()
     objects = sorted(scanner.objects.values(), key=lambda obj: (-obj.bytes, obj.kind, obj.name))
     process_rss = sum(status.rss_bytes for status in scanner.processes.values())
     scan = NodeScan(

@@ -8,8 +8,20 @@ returns None and the agent exports no series for it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from nodemem.host.paths import HostPaths
 from nodemem.host.procfs import read_proc_text
+
+
+@dataclass(frozen=True)
+class PressureLine:
+    """One line of a PSI file: the share of wall time (percent) some or all runnable
+    tasks stalled on memory over the last 10 s and 60 s, and the total since boot."""
+
+    avg10: float
+    avg60: float
+    total_us: int
 
 
 def parse_oom_kills(text: str) -> int | None:
@@ -48,5 +60,29 @@ def read_memory_pressure(paths: HostPaths) -> dict[str, float] | None:
     EOPNOTSUPP when PSI is compiled in but disabled at boot)."""
     try:
         return parse_pressure(read_proc_text(str(paths.proc("pressure", "memory")))) or None
+    except OSError:
+        return None
+
+
+def parse_pressure_lines(text: str) -> dict[str, PressureLine]:
+    """`{"some": PressureLine, "full": ...}` from a PSI file; lines that do not parse
+    are left out (`full` is absent from the system-wide cpu file before 5.13)."""
+    lines: dict[str, PressureLine] = {}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        values = dict(field.partition("=")[::2] for field in fields)
+        try:
+            lines[kind] = PressureLine(
+                float(values["avg10"]), float(values["avg60"]), int(values["total"])
+            )
+        except (KeyError, ValueError):
+            continue
+    return {kind: line for kind, line in lines.items() if kind in ("some", "full")}
+
+
+def read_pressure_lines(paths: HostPaths) -> dict[str, PressureLine] | None:
+    """/proc/pressure/memory by kind; None without PSI (as read_memory_pressure)."""
+    try:
+        return parse_pressure_lines(read_proc_text(str(paths.proc("pressure", "memory")))) or None
     except OSError:
         return None

@@ -10,16 +10,21 @@ from nodemem.api.report import (
     CleanupPatternStatus,
     CleanupStatus,
     DeletedOpenFile,
+    FutileHolder,
+    FutileOom,
     HeldOpenFile,
     HostReport,
+    MemoryPressure,
     MemorySummary,
     OomCounts,
     OomFailure,
     OomPreview,
     OomRuleStatus,
     OomStatus,
+    PodMemoryItem,
     PolicyRef,
     PredictedVictim,
+    PressureLine,
     ProcessMemoryItem,
     ProcessRef,
     ProcessSummary,
@@ -38,13 +43,16 @@ from nodemem.api.status import (
     set_condition,
 )
 from nodemem.host.identity import read_identity, read_pod_cgroup
+from nodemem.host.memcg import LOOP_KILLS, FutileMemcg
 from nodemem.host.meminfo import implausible
 from nodemem.host.oom_adj import AdjState
 from nodemem.host.oom_predict import OomPrediction
 from nodemem.host.paths import HostPaths
+from nodemem.host.podmem import PodMemory
 from nodemem.host.procfs import ProcessGone, ProcessUnreadable
 from nodemem.host.shmem import NodeScan
 from nodemem.host.smaps import ProcessAccounting
+from nodemem.host.vmstat import read_oom_kills, read_pressure_lines
 from nodemem.policy.apply import ApplyResult, CleanupOutcome, TmpfsOutcome
 from nodemem.policy.effective import EffectiveOomRule, EffectivePolicy
 from nodemem.policy.oom import (
@@ -65,6 +73,10 @@ def host_report(
     top: int = 10,
     oom: OomPreview | None = None,
     processes: ProcessSummary | None = None,
+    pods: Sequence[PodMemoryItem] = (),
+    *,
+    pressure: MemoryPressure | None = None,
+    oom_kills: int | None = None,
 ) -> HostReport:
     memory = scan.memory
     shmem = scan.shmem
@@ -82,6 +94,8 @@ def host_report(
             page_tables_bytes=memory.page_tables,
             vmalloc_used_bytes=memory.vmalloc_used,
             process_rss_bytes=memory.process_rss,
+            pressure=pressure,
+            oom_kills=oom_kills,
         ),
         shmem=ShmemSummary(
             total_bytes=shmem.total,
@@ -117,7 +131,91 @@ def host_report(
             for u in scan.unreadable[:MAX_UNREADABLE_LISTED]
         ],
         processes=processes,
+        pods=list(pods),
     )
+
+
+def node_counters(paths: HostPaths) -> tuple[MemoryPressure | None, int | None]:
+    """memory.pressure and memory.oomKills of the report: PSI (None without it) and
+    /proc/vmstat oom_kill."""
+    lines = read_pressure_lines(paths)
+    pressure = None
+    if lines is not None:
+        some, full = (
+            PressureLine(avg10=x.avg10, avg60=x.avg60, total_microseconds=x.total_us)
+            if (x := lines.get(kind))
+            else None
+            for kind in ("some", "full")
+        )
+        pressure = MemoryPressure(some=some, full=full)
+    return pressure, read_oom_kills(paths)
+
+
+def futile_items(futile: Sequence[FutileMemcg], directory: PodDirectory) -> list[FutileOom]:
+    """oom.futile: memcgs where OOM kills free nothing, their pods named where known."""
+
+    def pod_name(uid: str | None) -> str | None:
+        pod = directory.get(uid)
+        return f"{pod.namespace}/{pod.name}" if pod else uid
+
+    return [
+        FutileOom(
+            cgroup=f.path,
+            pod=pod_name(f.pod_uid),
+            usage_bytes=f.usage,
+            limit_bytes=f.limit,
+            shmem_bytes=f.shmem,
+            freeable_bytes=f.freeable,
+            oom_kills=f.oom_kills,
+            loop_kills=f.loop_kills,
+            holders=[FutileHolder(kind=h.kind, name=h.name, bytes=h.bytes) for h in f.holders],
+        )
+        for f in futile
+    ]
+
+
+def _oom_loop_condition(futile: Sequence[FutileOom]) -> tuple[ConditionStatus, str, str]:
+    if not futile:
+        return ("False", "NoFutileMemcg", "")
+    looping = [f for f in futile if f.loop_kills >= LOOP_KILLS]
+    what = []
+    for f in (looping or futile)[:5]:
+        held = next((h.name for h in f.holders if h.kind == "file"), None)
+        held = held or next((h.name for h in f.holders), None)
+        what.append(
+            f"{f.pod or f.cgroup}: {f.shmem_bytes} of {f.usage_bytes} bytes charged are Shmem "
+            f"(limit {f.limit_bytes}, a kill frees at most {f.freeable_bytes}"
+            + (f", {f.loop_kills} kills seen" if f.loop_kills else "")
+            + (f", held by {held}" if held else "")
+            + ")"
+        )
+    reason = "RepeatedOOMKills" if looping else "ShmemFillsLimit"
+    return ("True", reason, "; ".join(what))
+
+
+def pod_memory_items(
+    memory: Sequence[PodMemory], directory: PodDirectory, limit: int
+) -> list[PodMemoryItem]:
+    """The `limit` pods using the most memory, named when the directory knows them."""
+    items = []
+    for pod in sorted(memory, key=lambda m: (-m.memory_bytes, m.uid))[:limit]:
+        info = directory.get(pod.uid)
+        items.append(
+            PodMemoryItem(
+                uid=pod.uid,
+                namespace=info.namespace if info else None,
+                name=info.name if info else None,
+                qos_class=pod.qos_class,
+                memory_bytes=pod.memory_bytes,
+                limit_bytes=pod.limit_bytes,
+                anon_bytes=pod.anon_bytes,
+                file_bytes=pod.file_bytes,
+                shmem_bytes=pod.shmem_bytes,
+                oom_kills=pod.oom_kills,
+                pressure_some10s=pod.pressure_some_10s,
+            )
+        )
+    return items
 
 
 def process_summary(
@@ -304,6 +402,9 @@ def oom_preview(paths: HostPaths, prediction: OomPrediction, pods: PodDirectory)
                 score=c.score,
                 rss_bytes=c.rss_bytes,
                 pod=pod_of(c.pid),
+                oom_group=c.group.cgroup if c.group else None,
+                killed_with=list(c.group.killed_with) if c.group else [],
+                group_rss_bytes=c.rss_bytes + (c.group.killed_with_rss_bytes if c.group else 0),
             )
             for c in prediction.victims
         ],
@@ -330,6 +431,7 @@ def node_report_status(
     if host.oom is not None:
         oom.predicted_victims = host.oom.predicted_victims
         oom.badness_truncation_risk = host.oom.badness_truncation_risk
+        oom.futile = host.oom.futile
     tmpfs = [tmpfs_status(o) for o in applied.tmpfs]
     failures = [t for t in tmpfs if t.state in ("Refused", "Failed", "RestoreRefused")]
     failed_cleanups = [c for c in cleanups if c.errors or c.state != "Completed"]
@@ -367,6 +469,7 @@ def node_report_status(
         ("Applied", applied_condition),
         ("Degraded", degraded),
         ("ShmemLeakSuspected", leak),
+        ("OOMLoopRisk", _oom_loop_condition(oom.futile)),
     ):
         conditions = set_condition(conditions, type_, status, reason, message, now=now)
     return NodeMemoryReportStatus(
@@ -374,6 +477,7 @@ def node_report_status(
         memory=host.memory,
         shmem=host.shmem,
         unreadable_processes=host.unreadable_processes,
+        pods=host.pods,
         tmpfs=tmpfs,
         cleanup=list(cleanups),
         oom=oom,
