@@ -92,9 +92,12 @@ def _apt_download(packages: Sequence[str], into: Path) -> None:
 
 def kernel_package() -> str:
     """The generic 6.1 kernel Debian's metapackage points at (linux-image-6.1.0-NN-amd64)."""
-    out = subprocess.run(
-        ["apt-cache", "depends", "linux-image-amd64"], check=True, capture_output=True, text=True
-    ).stdout
+    command = ["apt-cache", "depends", "linux-image-amd64"]
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    if done.returncode != 0:  # no package lists yet
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+    out = done.stdout
     found = re.findall(r"Depends: (linux-image-6\.1\.\S+-amd64)\b", out)
     if not found or "cloud" in found[0]:
         raise GuestUnavailableError(f"no generic linux-image-6.1.*-amd64 in: {out!r}")
@@ -142,11 +145,12 @@ def ensure_qemu() -> None:
         return
     if os.geteuid() != 0:
         raise GuestUnavailableError(f"{QEMU} is missing (apt-get install qemu-system-x86 as root)")
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "qemu-system-x86"],
-        check=True,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
+    command = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "qemu-system-x86"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(command, check=False, env=env).returncode != 0:
+        # A fresh machine may have no package lists yet: refresh once, then insist.
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(command, check=True, env=env)
 
 
 def build() -> None:
@@ -268,7 +272,7 @@ def boot(
     (share / "cmd.sh").write_text(_command_script(argv, cwd, env or {}))
     cmdline = (
         "console=ttyS0 quiet loglevel=3 panic=-1 sysrq_always_enabled=1 mitigations=off "
-        f"nodemem.share={share}"
+        f"nodemem.share={share} nodemem.project={cwd}"
     )
     # Nested KVM stalls at boot on these machines: TCG, with 2 vCPUs and 2 GiB.
     qemu = [

@@ -128,13 +128,13 @@ def read_counters(directory: Path, path: str) -> MemcgCounters | None:
     try:
         v2 = (directory / "memory.current").exists()
         if v2:
-            text = _read(directory / "memory.max")
+            text = read_value(directory / "memory.max")
             limit = None if text == "max" else int(text)
-            usage = int(_read(directory / "memory.current"))
+            usage = int(read_value(directory / "memory.current"))
         else:
-            limit_v1 = int(_read(directory / "memory.limit_in_bytes"))
+            limit_v1 = int(read_value(directory / "memory.limit_in_bytes"))
             limit = None if limit_v1 >= _V1_UNLIMITED else limit_v1
-            usage = int(_read(directory / "memory.usage_in_bytes"))
+            usage = int(read_value(directory / "memory.usage_in_bytes"))
         shmem = 0
         if limit is not None and usage >= USAGE_RATIO * limit:
             stat = flat_keyed(directory / "memory.stat")
@@ -150,8 +150,14 @@ def oom_kills(counters: MemcgCounters) -> int | None:
             return flat_keyed(counters.directory / "memory.events").get("oom_kill")
         except OSError:
             return None
+    return v1_oom_kills(counters.directory)
+
+
+def v1_oom_kills(directory: Path) -> int | None:
+    """oom_kill of memory.oom_control (4.13+) summed over `directory` and all below it:
+    v1 counts a kill only in the victim's own cgroup."""
     total: int | None = None
-    for current, _dirs, _files in os.walk(counters.directory):
+    for current, _dirs, _files in os.walk(directory):
         try:
             kills = flat_keyed(Path(current) / "memory.oom_control").get("oom_kill")
         except OSError:
@@ -164,14 +170,15 @@ def oom_kills(counters: MemcgCounters) -> int | None:
 def flat_keyed(file: Path) -> dict[str, int]:
     """`key value` lines (memory.stat, memory.events, memory.oom_control)."""
     values: dict[str, int] = {}
-    for line in _read(file).splitlines():
+    for line in read_value(file).splitlines():
         key, _, value = line.partition(" ")
         if value.strip().isdigit():
             values[key] = int(value)
     return values
 
 
-def _read(file: Path) -> str:
+def read_value(file: Path) -> str:
+    """A cgroup file's text, stripped."""
     with open(file) as handle:
         return handle.read().strip()
 

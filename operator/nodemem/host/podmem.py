@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodemem.host.identity import PodCgroup, QosClass, parse_cgroup_path
+from nodemem.host.memcg import flat_keyed, read_value, v1_oom_kills
 from nodemem.host.oom_predict import memory_cgroup_dir
 from nodemem.host.paths import HostPaths
 
@@ -107,49 +108,34 @@ def read_pod_memory(paths: HostPaths, root: Path | None = None) -> list[PodMemor
 
 def _read_one(directory: Path, uid: str, qos: QosClass | None) -> PodMemory:
     if (directory / "memory.current").exists():
-        stat = _flat_keyed(directory / "memory.stat")
+        stat = flat_keyed(directory / "memory.stat")
         return PodMemory(
             uid=uid,
             qos_class=qos,
             directory=directory,
-            memory_bytes=int(_read(directory / "memory.current")),
-            limit_bytes=_v2_limit(_read(directory / "memory.max")),
+            memory_bytes=int(read_value(directory / "memory.current")),
+            limit_bytes=_v2_limit(read_value(directory / "memory.max")),
             anon_bytes=stat.get("anon", 0),
             file_bytes=stat.get("file", 0),
             shmem_bytes=stat.get("shmem", 0),
-            oom_kills=_flat_keyed(directory / "memory.events").get("oom_kill"),
+            oom_kills=flat_keyed(directory / "memory.events").get("oom_kill"),
             pressure_some_10s=_pressure_some_avg10(directory / "memory.pressure"),
         )
-    stat = _flat_keyed(directory / "memory.stat")
-    limit = int(_read(directory / "memory.limit_in_bytes"))
+    stat = flat_keyed(directory / "memory.stat")
+    limit = int(read_value(directory / "memory.limit_in_bytes"))
     return PodMemory(
         uid=uid,
         qos_class=qos,
         directory=directory,
-        memory_bytes=int(_read(directory / "memory.usage_in_bytes")),
+        memory_bytes=int(read_value(directory / "memory.usage_in_bytes")),
         limit_bytes=None if limit >= _V1_UNLIMITED else limit,
         # total_*: the whole subtree; the plain keys count only the pod cgroup's own tasks.
         anon_bytes=stat.get("total_rss", stat.get("rss", 0)),
         file_bytes=stat.get("total_cache", stat.get("cache", 0)),
         shmem_bytes=stat.get("total_shmem", stat.get("shmem", 0)),
-        oom_kills=_v1_oom_kills(directory),
+        oom_kills=v1_oom_kills(directory),
         pressure_some_10s=None,
     )
-
-
-def _read(file: Path) -> str:
-    with open(file) as handle:
-        return handle.read().strip()
-
-
-def _flat_keyed(file: Path) -> dict[str, int]:
-    """`key value` lines (memory.stat, memory.events, memory.oom_control)."""
-    values: dict[str, int] = {}
-    for line in _read(file).splitlines():
-        key, _, value = line.partition(" ")
-        if value.strip().isdigit():
-            values[key] = int(value)
-    return values
 
 
 def _v2_limit(text: str) -> int | None:
@@ -159,7 +145,7 @@ def _v2_limit(text: str) -> int | None:
 def _pressure_some_avg10(file: Path) -> float | None:
     """`some avg10=0.00 avg60=...` → 0.0; None when PSI is off (no file, or EOPNOTSUPP)."""
     try:
-        text = _read(file)
+        text = read_value(file)
     except OSError:
         return None
     for line in text.splitlines():
@@ -170,16 +156,3 @@ def _pressure_some_avg10(file: Path) -> float | None:
                 if name == "avg10":
                     return float(value)
     return None
-
-
-def _v1_oom_kills(directory: Path) -> int | None:
-    """oom_kill of memory.oom_control (4.13+) over the pod cgroup and all below it."""
-    total: int | None = None
-    for current, _dirs, _files in os.walk(directory):
-        try:
-            kills = _flat_keyed(Path(current) / "memory.oom_control").get("oom_kill")
-        except OSError:
-            continue
-        if kills is not None:
-            total = (total or 0) + kills
-    return total
