@@ -94,9 +94,14 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[MountTmpfs]:
 
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts (append them); killed and reaped by PID after it."""
+    """Processes a test starts (append them); killed and reaped by PID after it, all
+    signalled before any is waited for (a memcg empties at once), their pipes closed."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for process in started:
-        process.kill()
-        process.wait()
+        process.kill()  # a no-op for one already reaped
+    for process in started:
+        process.wait(timeout=30)
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()

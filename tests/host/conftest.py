@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from memcg_helpers import MEMORY_V1, remove_cgroup_tree
+from memcg_helpers import MEMORY_V1, UNIFIED, remove_cgroup_tree
 from shmem_guard import ShmemMeter
 
 HOLDER = Path(__file__).with_name("shmem_holder.py")
@@ -82,6 +83,25 @@ def holder() -> Iterator[Holder]:
 
 def _remove_segment(shmid: int) -> None:
     subprocess.run(["ipcrm", "-m", str(shmid)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def v2_root() -> Iterator[Path]:
+    """This test's own v2 cgroup, delegating memory to its subtree; removed with all below.
+    guest_v2 tests run where v2 is: its absence under NODEMEM_REQUIRE_PRIVILEGED fails."""
+    if not (UNIFIED / "cgroup.controllers").is_file():
+        reason = "no cgroup v2 hierarchy at /sys/fs/cgroup"
+        if os.environ.get("NODEMEM_REQUIRE_PRIVILEGED") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    (UNIFIED / "cgroup.subtree_control").write_text("+memory")
+    top = UNIFIED / f"nodemem-test-{secrets.token_hex(4)}"
+    top.mkdir()
+    (top / "cgroup.subtree_control").write_text("+memory")
+    try:
+        yield top
+    finally:
+        remove_cgroup_tree(top)
 
 
 @pytest.fixture

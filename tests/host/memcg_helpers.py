@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 MEMORY_V1 = Path("/sys/fs/cgroup/memory")
+UNIFIED = Path("/sys/fs/cgroup")  # cgroup v2 (in the guest)
 
 
 def remove_cgroup_tree(top: Path, timeout: float = 10.0) -> None:
@@ -35,3 +36,14 @@ def joining(cgroup: Path) -> Callable[[], None]:
             file.write(str(os.getpid()))
 
     return join
+
+
+def make_v2_cgroup(root: Path, relative: str) -> Path:
+    """mkdir -p in the v2 tree, each level delegating memory to the next (processes go
+    only into the leaf: v2 forbids them in a cgroup that delegates a controller)."""
+    current = root
+    for name in relative.split("/"):
+        (current / "cgroup.subtree_control").write_text("+memory")
+        current = current / name
+        current.mkdir(exist_ok=True)
+    return current

@@ -14,11 +14,11 @@ import secrets
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from memcg_helpers import joining, remove_cgroup_tree
+from memcg_helpers import joining, make_v2_cgroup
 
 from nodemem.host.memcg import FutileMemcg, OomLoopWatch
 from nodemem.host.paths import HostPaths
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.privileged
 MiB = 1 << 20
 LIMIT = 128 * MiB
 FILE_MIB = 116  # 90.6 % of the limit; the grower's interpreter still fits beside it
-UNIFIED = Path("/sys/fs/cgroup")
 # Grows by 1 MiB (every page touched) until the memcg OOM killer takes it.
 GROWER = """
 held = []
@@ -59,9 +58,9 @@ def _fill(container: Path, file: Path) -> None:
     assert writer.wait(timeout=60) == 0
 
 
-def _grow_until_killed(container: Path, started: list[subprocess.Popen[bytes]]) -> None:
+def _grow_until_killed(container: Path, processes: list[subprocess.Popen[bytes]]) -> None:
     grower = _run_in(container, sys.executable, "-I", "-S", "-c", GROWER)
-    started.append(grower)
+    processes.append(grower)
     assert grower.wait(timeout=120) == -9  # SIGKILL: the memcg OOM killer
 
 
@@ -82,16 +81,6 @@ def _flagged_with_the_file(memcg: FutileMemcg, uid: str, volume: Path, file: Pat
     assert next(h.bytes for h in memcg.holders if h.name == str(file)) == FILE_MIB * MiB
 
 
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-
-
 def _volume(tmp_path: Path, uid: str, mount_tmpfs: Callable[..., Path]) -> Path:
     at = tmp_path / "pods" / uid / "volumes" / "kubernetes.io~empty-dir" / "cache"
     return mount_tmpfs(options="size=256m", at=at)
@@ -101,7 +90,7 @@ def test_v1_futile_pod_flagged_then_its_kills_counted_as_a_loop(
     memcg_root: Path,
     mount_tmpfs: Callable[..., Path],
     tmp_path: Path,
-    started: list[subprocess.Popen[bytes]],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     uid = str(uuid.uuid4())
     pod = memcg_root / "kubepods" / "burstable" / f"pod{uid}"
@@ -117,38 +106,14 @@ def test_v1_futile_pod_flagged_then_its_kills_counted_as_a_loop(
     _flagged_with_the_file(first, uid, volume, file)
     assert (first.oom_kills, first.loop_kills) == (0, 0)
 
-    _grow_until_killed(container, started)
+    _grow_until_killed(container, processes)
     after_one = _only(watch.observe(HostPaths(), scan_node(), memcg_root), pod.name)
     assert (after_one.oom_kills, after_one.loop_kills, after_one.looping) == (1, 1, False)
 
-    _grow_until_killed(container, started)  # restarted: killed again, the file still there
+    _grow_until_killed(container, processes)  # restarted: killed again, the file still there
     after_two = _only(watch.observe(HostPaths(), scan_node(), memcg_root), pod.name)
     assert (after_two.oom_kills, after_two.loop_kills, after_two.looping) == (2, 2, True)
     _flagged_with_the_file(after_two, uid, volume, file)
-
-
-@pytest.fixture
-def v2_root() -> Iterator[Path]:
-    """This test's own v2 cgroup with +memory for its subtree; removed with all below."""
-    if not (UNIFIED / "cgroup.controllers").is_file():
-        pytest.skip("no cgroup v2 hierarchy at /sys/fs/cgroup")
-    (UNIFIED / "cgroup.subtree_control").write_text("+memory")
-    top = UNIFIED / f"nodemem-test-{secrets.token_hex(4)}"
-    top.mkdir()
-    try:
-        yield top
-    finally:
-        remove_cgroup_tree(top)
-
-
-def _make(root: Path, relative: str) -> Path:
-    """mkdir -p, each level delegating memory to the next (v2: tasks only in leaves)."""
-    current = root
-    for name in relative.split("/"):
-        (current / "cgroup.subtree_control").write_text("+memory")
-        current = current / name
-        current.mkdir(exist_ok=True)
-    return current
 
 
 @pytest.mark.guest_v2
@@ -156,13 +121,13 @@ def test_v2_futile_pod_flagged_then_kills_of_restarted_containers_counted(
     v2_root: Path,
     mount_tmpfs: Callable[..., Path],
     tmp_path: Path,
-    started: list[subprocess.Popen[bytes]],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     uid = str(uuid.uuid4())
     slice_name = f"kubepods-burstable-pod{uid.replace('-', '_')}.slice"
-    pod = _make(v2_root, f"kubepods.slice/kubepods-burstable.slice/{slice_name}")
+    pod = make_v2_cgroup(v2_root, f"kubepods.slice/kubepods-burstable.slice/{slice_name}")
     (pod / "memory.max").write_text(str(LIMIT))
-    container = _make(pod, f"cri-containerd-{_container_id()}.scope")
+    container = make_v2_cgroup(pod, f"cri-containerd-{_container_id()}.scope")
     volume = _volume(tmp_path, uid, mount_tmpfs)
     file = volume / "fill"
     _fill(container, file)
@@ -172,7 +137,7 @@ def test_v2_futile_pod_flagged_then_kills_of_restarted_containers_counted(
     _flagged_with_the_file(first, uid, volume, file)
     assert (first.oom_kills, first.loop_kills) == (0, 0)
 
-    _grow_until_killed(container, started)
+    _grow_until_killed(container, processes)
     after_one = _only(watch.observe(HostPaths(), scan_node(), v2_root), pod.name)
     assert (after_one.oom_kills, after_one.loop_kills) == (1, 1)
 
@@ -180,8 +145,8 @@ def test_v2_futile_pod_flagged_then_kills_of_restarted_containers_counted(
     # tmpfs pages stay charged (to the removed memcg, still inside the pod's), and v2
     # counted its kill in the pod's memory.events too.
     os.rmdir(container)
-    restarted = _make(pod, f"cri-containerd-{_container_id()}.scope")
-    _grow_until_killed(restarted, started)
+    restarted = make_v2_cgroup(pod, f"cri-containerd-{_container_id()}.scope")
+    _grow_until_killed(restarted, processes)
     after_two = _only(watch.observe(HostPaths(), scan_node(), v2_root), pod.name)
     assert (after_two.oom_kills, after_two.loop_kills, after_two.looping) == (2, 2, True)
     _flagged_with_the_file(after_two, uid, volume, file)

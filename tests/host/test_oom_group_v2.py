@@ -10,16 +10,14 @@ docs/kernel-facts.md#oom-group-kills.
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from memcg_helpers import joining, remove_cgroup_tree
+from memcg_helpers import UNIFIED, joining
 
 from nodemem.host.oom_predict import Candidate, predict_victims
 from nodemem.host.paths import HostPaths
@@ -27,7 +25,6 @@ from samples import exec_done
 
 pytestmark = [pytest.mark.privileged, pytest.mark.guest_v2]
 
-UNIFIED = Path("/sys/fs/cgroup")
 PATHS = HostPaths()
 MiB = 1 << 20
 LIMIT = 32 * MiB
@@ -48,21 +45,6 @@ for line in sys.stdin:
 SLEEP = ["sleep", "600"]
 
 
-@pytest.fixture
-def v2_root() -> Iterator[Path]:
-    """This test's own v2 cgroup with +memory for its subtree; removed with all below."""
-    if not (UNIFIED / "cgroup.controllers").is_file():
-        pytest.skip("no cgroup v2 hierarchy at /sys/fs/cgroup")
-    (UNIFIED / "cgroup.subtree_control").write_text("+memory")
-    top = UNIFIED / f"nodemem-test-{secrets.token_hex(4)}"
-    top.mkdir()
-    (top / "cgroup.subtree_control").write_text("+memory")
-    try:
-        yield top
-    finally:
-        remove_cgroup_tree(top)
-
-
 def _cgroup(parent: Path, name: str, *, group: int = 0, limit: int | None = None) -> Path:
     directory = parent / name
     directory.mkdir()
@@ -79,23 +61,9 @@ def _delegate(directory: Path) -> Path:
     return directory
 
 
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-    for process in processes:
-        process.wait(timeout=30)
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                pipe.close()
-
-
 class Workload:
-    def __init__(self, started: list[subprocess.Popen[bytes]]) -> None:
-        self.started = started
+    def __init__(self, processes: list[subprocess.Popen[bytes]]) -> None:
+        self.processes = processes
         self.grower: subprocess.Popen[bytes] | None = None
 
     def grow_in(self, cgroup: Path) -> int:
@@ -105,14 +73,14 @@ class Workload:
             stdout=subprocess.PIPE,
             preexec_fn=joining(cgroup),  # noqa: PLW1509 - no threads in this process
         )
-        self.started.append(process)
+        self.processes.append(process)
         self.grower = process
         assert self._line(time.monotonic() + DEADLINE_S) == b"ready\n"
         return process.pid
 
     def sleep_in(self, cgroup: Path) -> int:
         process = subprocess.Popen(SLEEP, preexec_fn=joining(cgroup))  # noqa: PLW1509
-        self.started.append(process)
+        self.processes.append(process)
         exec_done(process.pid, SLEEP, timeout=DEADLINE_S)
         return process.pid
 
@@ -125,13 +93,13 @@ class Workload:
     def killed(self, expected: set[int]) -> set[int]:
         """Waits until the expected processes exited; returns every one that died by SIGKILL."""
         deadline = time.monotonic() + DEADLINE_S
-        by_pid = {p.pid: p for p in self.started}
+        by_pid = {p.pid: p for p in self.processes}
         while any(by_pid[pid].poll() is None for pid in expected):
             assert time.monotonic() < deadline, (
                 f"alive: {[p for p in expected if by_pid[p].poll() is None]}"
             )
             time.sleep(0.01)  # poll: waitpid has no timeout; the kill has happened
-        return {p.pid for p in self.started if p.poll() == -9}
+        return {p.pid for p in self.processes if p.poll() == -9}
 
     def _line(self, deadline: float) -> bytes:
         assert self.grower is not None and self.grower.stdout is not None
@@ -148,8 +116,8 @@ class Workload:
 
 
 @pytest.fixture
-def workload(started: list[subprocess.Popen[bytes]]) -> Workload:
-    return Workload(started)
+def workload(processes: list[subprocess.Popen[bytes]]) -> Workload:
+    return Workload(processes)
 
 
 def _events(cgroup: Path) -> dict[str, int]:
@@ -233,5 +201,5 @@ def test_a_task_at_minus_1000_inside_a_group_is_spared(v2_root: Path, workload: 
     assert victim.group.killed_with == (killable,)
     workload.overgrow()
     assert workload.killed({grower, killable}) == {grower, killable}
-    assert spared in {p.pid for p in workload.started if p.poll() is None}
+    assert spared in {p.pid for p in workload.processes if p.poll() is None}
     assert _events(ctr)["oom_group_kill"] == 1

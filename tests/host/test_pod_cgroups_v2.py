@@ -12,11 +12,11 @@ import secrets
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from memcg_helpers import joining, remove_cgroup_tree
+from memcg_helpers import joining, make_v2_cgroup
 
 from nodemem.host.identity import read_identity
 from nodemem.host.paths import HostPaths
@@ -25,43 +25,7 @@ from samples import exec_done
 
 pytestmark = [pytest.mark.privileged, pytest.mark.guest_v2]
 
-UNIFIED = Path("/sys/fs/cgroup")
 MiB = 1 << 20
-
-
-@pytest.fixture
-def v2_root() -> Iterator[Path]:
-    """This test's own v2 cgroup with +memory for its subtree; removed with all below."""
-    if not (UNIFIED / "cgroup.controllers").is_file():
-        pytest.skip("no cgroup v2 hierarchy at /sys/fs/cgroup")
-    (UNIFIED / "cgroup.subtree_control").write_text("+memory")
-    top = UNIFIED / f"nodemem-test-{secrets.token_hex(4)}"
-    top.mkdir()
-    try:
-        yield top
-    finally:
-        remove_cgroup_tree(top)
-
-
-def make_cgroup(root: Path, relative: str) -> Path:
-    """mkdir -p in the v2 tree, each level delegating memory to the next (processes go
-    only into the leaf: v2 forbids them in a cgroup that delegates a controller)."""
-    current = root
-    for name in relative.split("/"):
-        (current / "cgroup.subtree_control").write_text("+memory")
-        current = current / name
-        current.mkdir(exist_ok=True)
-    return current
-
-
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        process.kill()
-    for process in processes:
-        process.wait(timeout=30)
 
 
 LAYOUTS = {
@@ -85,7 +49,7 @@ LAYOUTS = {
 
 
 def test_identity_of_processes_in_every_v2_layout(
-    v2_root: Path, started: list[subprocess.Popen[bytes]]
+    v2_root: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     # One guest run for all layouts: each costs a mkdir chain and one sleep.
     expected = {}
@@ -93,9 +57,9 @@ def test_identity_of_processes_in_every_v2_layout(
         uid = str(uuid.uuid4())
         cid = secrets.token_hex(32)
         relative = f"{name}/" + layout.format(uid=uid, uid_=uid.replace("-", "_"), cid=cid)
-        cgroup = make_cgroup(v2_root, relative)
+        cgroup = make_v2_cgroup(v2_root, relative)
         process = subprocess.Popen(["sleep", "600"], preexec_fn=joining(cgroup))  # noqa: PLW1509
-        started.append(process)
+        processes.append(process)
         exec_done(process.pid, ["sleep", "600"])
         expected[process.pid] = (f"/{v2_root.name}/{relative}", uid, cid, qos)
 
@@ -127,7 +91,7 @@ sys.stdin.read()
 
 
 def _worker(
-    started: list[subprocess.Popen[bytes]], cgroup: Path, anon: int, path: str = "", size: int = 0
+    processes: list[subprocess.Popen[bytes]], cgroup: Path, anon: int, path: str = "", size: int = 0
 ) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-c", WORKER, str(anon), path, str(size)],
@@ -135,19 +99,19 @@ def _worker(
         stdout=subprocess.PIPE,
         preexec_fn=joining(cgroup),  # noqa: PLW1509  # no threads in this test process
     )
-    started.append(process)
+    processes.append(process)
     return process
 
 
 def test_pod_memory_from_a_real_v2_pod_cgroup(
-    v2_root: Path, started: list[subprocess.Popen[bytes]], mount_tmpfs: Callable[..., Path]
+    v2_root: Path, processes: list[subprocess.Popen[bytes]], mount_tmpfs: Callable[..., Path]
 ) -> None:
     uid = str(uuid.uuid4())
-    pod = make_cgroup(v2_root, f"kubepods/burstable/pod{uid}")
+    pod = make_v2_cgroup(v2_root, f"kubepods/burstable/pod{uid}")
     (pod / "memory.max").write_text(str(256 * MiB))
-    app = make_cgroup(pod, secrets.token_hex(32))
+    app = make_v2_cgroup(pod, secrets.token_hex(32))
     point = mount_tmpfs("emptydir", "size=64m")
-    worker = _worker(started, app, 16 * MiB, str(point / "data"), 8 * MiB)
+    worker = _worker(processes, app, 16 * MiB, str(point / "data"), 8 * MiB)
     assert worker.stdout is not None and worker.stdout.readline() == b"ready\n"
 
     [memory] = read_pod_memory(HostPaths(), v2_root)
@@ -165,11 +129,11 @@ def test_pod_memory_from_a_real_v2_pod_cgroup(
 
     # A second container over its own limit: the kernel kills it, and the pod, the
     # container's parent, counts the kill (v2 memory.events are hierarchical).
-    greedy = make_cgroup(pod, secrets.token_hex(32))
+    greedy = make_v2_cgroup(pod, secrets.token_hex(32))
     (greedy / "memory.max").write_text(str(32 * MiB))
     if (greedy / "memory.swap.max").exists():  # no swapping out instead of the kill
         (greedy / "memory.swap.max").write_text("0")
-    victim = _worker(started, greedy, 96 * MiB)
+    victim = _worker(processes, greedy, 96 * MiB)
     assert victim.wait(timeout=120) == -9  # SIGKILL from the memcg OOM killer
 
     [after] = read_pod_memory(HostPaths(), v2_root)
