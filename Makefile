@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: run test lint unit bench install clean crds tools docs guest
+.PHONY: run test lint unit bench install clean crds tools docs guest cluster-build cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,19 @@ tools: $(PROMTOOL)
 guest: $(STAMP)
 	$(PY) tests/guest/run.py --build
 
+# The real control plane the Kubernetes tests run against (hack/cluster/, docs/testing.md):
+# etcd, kube-apiserver, kube-controller-manager and kubectl built from pinned upstream Go
+# modules into .cluster/bin, again only when the pins change. cluster-up starts one on
+# 127.0.0.1 and writes .cluster/admin.kubeconfig; cluster-down stops it and deletes its data.
+cluster-build:
+	$(PYTHON) hack/cluster/controlplane.py build
+
+cluster-up:
+	$(PYTHON) hack/cluster/controlplane.py up
+
+cluster-down:
+	$(PYTHON) hack/cluster/controlplane.py down
+
 run: $(STAMP)
 	$(VENV)/bin/nodemem report
 	$(VENV)/bin/nodemem apply -f examples/dev-shm-limit.yaml --dry-run
@@ -42,7 +55,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict
 	$(VENV)/bin/lint-imports
 
-unit: $(STAMP) $(PROMTOOL) guest
+unit: $(STAMP) $(PROMTOOL) guest cluster-build
 	$(PY) -m pytest
 
 test: lint unit
