@@ -2,7 +2,7 @@
 
 Its state is kept from `on.event` streams (they write nothing to the objects and start
 in seconds at 5,000 objects), never from `@kopf.index`, whose cold start is far slower
-(measured: docs/testing.md#the-api-emulator). Policy status is recomputed when something
+(measured: docs/testing.md#the-control-plane). Policy status is recomputed when something
 changed, at most every `interval` seconds, and patched only when it differs. Reports
 of nodes that no longer exist are deleted.
 """

@@ -1,6 +1,6 @@
 """When cleanup rules are due: 5-field cron evaluated in the agent's own loop.
 
-Cron, not kopf timers: timers put finalizers on shared objects (docs/testing.md#the-api-emulator).
+Cron, not kopf timers: timers put finalizers on shared objects (docs/testing.md#the-control-plane).
 Times are aware datetimes; cron fields are read in the node's local time zone.
 """
 
