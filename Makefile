@@ -50,8 +50,8 @@ run: $(STAMP)
 	$(VENV)/bin/nodemem apply -f examples/dev-shm-limit.yaml --dry-run
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/ruff check operator tests bench hack
+	$(VENV)/bin/ruff format --check operator tests bench hack
 	$(VENV)/bin/mypy --strict
 	$(VENV)/bin/lint-imports
 

@@ -8,7 +8,6 @@ values schema and the NOTES are asserted exactly.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import ctypes.util
 import json
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -150,18 +148,6 @@ def controller_container(rendered: Rendered) -> Obj:
     pod = rendered.one("Deployment", CONTROLLER)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     return container  # type: ignore[no-any-return]
-
-
-def merged(*layers: Obj) -> Obj:
-    """Deep merge of value layers, as Helm coalesces them."""
-    out: Obj = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = merged(out[key], value)
-            else:
-                out[key] = copy.deepcopy(value)
-    return out
 
 
 # --- every object is valid Kubernetes ------------------------------------------------
@@ -622,61 +608,133 @@ def schema() -> Obj:
     return loaded
 
 
-def defaults() -> Obj:
-    loaded: Obj = yaml.safe_load((CHART / "values.yaml").read_text())
-    return loaded
-
-
-INVALID_VALUES: dict[str, Obj] = {
-    "negative resync": {"agent": {"resyncSeconds": -5}},
-    "zero heartbeat": {"agent": {"heartbeatSeconds": 0}},
-    "unknown top-level key": {"agnet": {"dryRun": True}},
-    "unknown agent key": {"agent": {"privileged": True}},
-    "port zero": {"agent": {"metricsPort": 0}},
-    "port above 65535": {"controller": {"healthPort": 70000}},
-    "port as text": {"agent": {"metricsPort": "http"}},
-    "metrics host with a space": {"agent": {"metricsHost": "0.0.0.0 --dry-run"}},
-    "tmpfs ratio above 1": {"metrics": {"prometheusRule": {"tmpfsUsedRatio": 1.5}}},
-    "dashboard label that is not text": {"metrics": {"grafanaDashboard": {"labels": {"x": 1}}}},
-    "zero replicas": {"controller": {"replicas": 0}},
-    "two replicas without peering": {"controller": {"replicas": 2}},
-    "capability outside the documented set": {"agent": {"extraCapabilities": ["SYS_MODULE"]}},
-    "localhost seccomp without a profile": {"agent": {"seccompProfile": {"type": "Localhost"}}},
-    "profile name without localhost": {
-        "agent": {"appArmorProfile": {"type": "Unconfined", "localhostProfile": "x"}}
-    },
-    "unknown toleration operator": {"agent": {"tolerations": [{"operator": "Any"}]}},
-    "relative state dir": {"agent": {"stateDir": "var/lib/nodemem"}},
-    "state dir climbing out": {"agent": {"stateDir": "/var/lib/../../etc"}},
-    "malformed digest": {"image": {"digest": "sha256:xyz"}},
-    "bad pull policy": {"image": {"pullPolicy": "Sometimes"}},
-    "non-boolean dry run": {"agent": {"dryRun": "yes"}},
-    "scrape interval in words": {"metrics": {"podMonitor": {"interval": "one minute"}}},
-    "service monitor without the service": {
-        "metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}
-    },
-    "both monitors": {
-        "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}
-    },
+# Values that break values.schema.json, each with the line of Helm's refusal that names
+# the offending field (a JSON pointer into the values) and the broken constraint.
+INVALID_VALUES: dict[str, tuple[Obj, str]] = {
+    "negative resync": (
+        {"agent": {"resyncSeconds": -5}},
+        "at '/agent/resyncSeconds': minimum: got -5, want 1",
+    ),
+    "zero heartbeat": (
+        {"agent": {"heartbeatSeconds": 0}},
+        "at '/agent/heartbeatSeconds': minimum: got 0, want 1",
+    ),
+    "unknown top-level key": (
+        {"agnet": {"dryRun": True}},
+        "at '': additional properties 'agnet' not allowed",
+    ),
+    "unknown agent key": (
+        {"agent": {"privileged": True}},
+        "at '/agent': additional properties 'privileged' not allowed",
+    ),
+    "port zero": (
+        {"agent": {"metricsPort": 0}},
+        "at '/agent/metricsPort': minimum: got 0, want 1",
+    ),
+    "port above 65535": (
+        {"controller": {"healthPort": 70000}},
+        "at '/controller/healthPort': maximum: got 70,000, want 65,535",
+    ),
+    "port as text": (
+        {"agent": {"metricsPort": "http"}},
+        "at '/agent/metricsPort': got string, want integer",
+    ),
+    "metrics host with a space": (
+        {"agent": {"metricsHost": "0.0.0.0 --dry-run"}},
+        "at '/agent/metricsHost': '0.0.0.0 --dry-run' does not match pattern",
+    ),
+    "tmpfs ratio above 1": (
+        {"metrics": {"prometheusRule": {"tmpfsUsedRatio": 1.5}}},
+        "at '/metrics/prometheusRule/tmpfsUsedRatio': maximum: got 1.5, want 1",
+    ),
+    "dashboard label that is not text": (
+        {"metrics": {"grafanaDashboard": {"labels": {"x": 1}}}},
+        "at '/metrics/grafanaDashboard/labels/x': got number, want string",
+    ),
+    "zero replicas": (
+        {"controller": {"replicas": 0}},
+        "at '/controller/replicas': minimum: got 0, want 1",
+    ),
+    "two replicas without peering": (
+        {"controller": {"replicas": 2}},
+        "at '/controller/peering/enabled': value must be true",
+    ),
+    "capability outside the documented set": (
+        {"agent": {"extraCapabilities": ["SYS_MODULE"]}},
+        "at '/agent/extraCapabilities/0': value must be one of 'DAC_OVERRIDE', 'FOWNER', "
+        "'NET_ADMIN'",
+    ),
+    "localhost seccomp without a profile": (
+        {"agent": {"seccompProfile": {"type": "Localhost"}}},
+        "at '/agent/seccompProfile': missing property 'localhostProfile'",
+    ),
+    "profile name without localhost": (
+        {"agent": {"appArmorProfile": {"type": "Unconfined", "localhostProfile": "x"}}},
+        "at '/agent/appArmorProfile': 'not' failed",
+    ),
+    "unknown toleration operator": (
+        {"agent": {"tolerations": [{"operator": "Any"}]}},
+        "at '/agent/tolerations/0/operator': value must be one of 'Exists', 'Equal'",
+    ),
+    "relative state dir": (
+        {"agent": {"stateDir": "var/lib/nodemem"}},
+        "at '/agent/stateDir': 'var/lib/nodemem' does not match pattern",
+    ),
+    "state dir climbing out": (
+        {"agent": {"stateDir": "/var/lib/../../etc"}},
+        "at '/agent/stateDir': 'not' failed",
+    ),
+    "malformed digest": (
+        {"image": {"digest": "sha256:xyz"}},
+        "at '/image/digest': 'sha256:xyz' does not match pattern",
+    ),
+    "bad pull policy": (
+        {"image": {"pullPolicy": "Sometimes"}},
+        "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
+    ),
+    "non-boolean dry run": (
+        {"agent": {"dryRun": "yes"}},
+        "at '/agent/dryRun': got string, want boolean",
+    ),
+    "scrape interval in words": (
+        {"metrics": {"podMonitor": {"interval": "one minute"}}},
+        "at '/metrics/podMonitor/interval': 'one minute' does not match pattern",
+    ),
+    "service monitor without the service": (
+        {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},
+        "at '/metrics/enabled': value must be true",
+    ),
+    "both monitors": (
+        {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+        "at '/metrics/podMonitor/enabled': value must be false",
+    ),
 }
 
 
-def test_schema_is_valid_and_accepts_the_defaults_and_every_variant() -> None:
-    validator = jsonschema.Draft7Validator(schema())
-    jsonschema.Draft7Validator.check_schema(schema())
-    for variant, values in VARIANTS.items():
-        errors = list(validator.iter_errors(merged(defaults(), values)))
-        assert not errors, (variant, [e.message for e in errors])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_schema_accepts_the_defaults_and_every_variant(variant: str) -> None:
+    # Helm first checks values.schema.json against its draft's meta-schema (a broken
+    # schema refuses every install), then the values coalesced with values.yaml.
+    with helm.Chart.load(CHART) as chart:
+        assert chart.schema == schema()  # loaded: a chart without one passes anything
+        chart.validate_schema(chart.merge_values(VARIANTS[variant]))
+    assert render(VARIANTS[variant]).objects
 
 
 @pytest.mark.parametrize("case", INVALID_VALUES)
-def test_invalid_values_are_rejected_by_the_schema(case: str) -> None:
-    values = INVALID_VALUES[case]
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(merged(defaults(), values), schema(), jsonschema.Draft7Validator)
-    # Helm enforces the same schema before rendering anything.
-    with pytest.raises(helm.HelmValuesError):
-        render(values)
+def test_invalid_values_are_refused_by_helm_naming_the_field(case: str) -> None:
+    values, problem = INVALID_VALUES[case]
+    with pytest.raises(helm.HelmValuesError) as refused:
+        render(values)  # Helm checks the schema before it renders anything
+    message = str(refused.value)
+    assert message.startswith(
+        "values don't meet the specifications of the schema(s) in the following chart(s):\n"
+        "nodemem:\n"
+    ), message
+    assert problem in message
+    # helm lint reports the same problem as an error.
+    report = helm.lint(CHART, values, strict=True)
+    assert any(problem in error for error in report["errors"]), report["errors"]
 
 
 def _documented_paths(lines: list[str]) -> tuple[set[str], set[str]]:

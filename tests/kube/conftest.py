@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from typing import Any
 
 import helm_python as helm
 import pytest
-from realkube import ApiError, AuditLog, Kube, wait_until
+from realkube import ApiError, AuditLog, Kube, resource_path, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "hack" / "cluster"))
@@ -39,7 +40,12 @@ AGENT_USER = f"system:serviceaccount:{NAMESPACE}:{AGENT_SA}"
 CONTROLLER_USER = f"system:serviceaccount:{NAMESPACE}:{CONTROLLER_SA}"
 ADMIN_USER = "admin"
 # The chart's cluster-wide identities: what the session applies before any test.
-BOOTSTRAP_TEMPLATES = ("serviceaccounts.yaml", "agent-rbac.yaml", "controller-rbac.yaml", "admission-policy.yaml")
+BOOTSTRAP_TEMPLATES = (
+    "serviceaccounts.yaml",
+    "agent-rbac.yaml",
+    "controller-rbac.yaml",
+    "admission-policy.yaml",
+)
 POLICIES = "nodemem.dev/v1alpha1/nodememorypolicies"
 REPORTS = "nodemem.dev/v1alpha1/nodememoryreports"
 
@@ -51,6 +57,7 @@ def kubectl(plane: ControlPlane, *args: str, input: str | None = None) -> str:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     if result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
@@ -72,10 +79,13 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     try:
         plane.up()
         kubectl(plane, "apply", "--server-side", "-f", str(ROOT / "crds"))
-        kubectl(plane, "wait", "--for=condition=Established", "--timeout=30s", "-f", str(ROOT / "crds"))
+        kubectl(
+            plane, "wait", "--for=condition=Established", "--timeout=30s", "-f", str(ROOT / "crds")
+        )
         _wait_for_storage(Kube(plane.url, plane.ssl_context()))
         kubectl(plane, "create", "namespace", NAMESPACE)
         kubectl(plane, "apply", "--server-side", "-f", "-", input=render_bootstrap())
+        _wait_for_admission_policy(plane)
         yield plane
     finally:
         plane.down()
@@ -95,6 +105,34 @@ def _wait_for_storage(kube: Kube) -> None:
         return True
 
     wait_until(listable, timeout=30, message="the CRDs' storage")
+
+
+def _wait_for_admission_policy(plane: ControlPlane) -> None:
+    """A new ValidatingAdmissionPolicy is enforced a moment after it is stored (the server
+    loads it from its informers): until a dry-run create of an agent with no node claim is
+    refused by it, a test could see a write admitted that the chart refuses."""
+    admin = Kube(plane.url, plane.ssl_context())
+    agent = Kube(
+        plane.url,
+        ssl.create_default_context(cafile=str(plane.pki / "ca.crt")),
+        token=admin.service_account_token(NAMESPACE, AGENT_SA),
+    )
+    probe = {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryReport",
+        "metadata": {"name": "probe"},
+    }
+
+    def refused() -> bool:
+        try:
+            agent.request("POST", resource_path(REPORTS), probe, query={"dryRun": "All"})
+        except ApiError as error:
+            if error.status == 403 and "own-report" in error.message:
+                return True
+            raise
+        return False
+
+    wait_until(refused, timeout=30, interval=0.1, message="the admission policy to be enforced")
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +159,6 @@ def _clean(kube: Kube) -> None:
 
 
 def _namespaced(resource: str, namespace: str) -> str:
-    from realkube import resource_path
-
     return resource_path(resource, namespace=namespace)
 
 

@@ -66,9 +66,10 @@ def resource_path(resource: str, name: str | None = None, *, namespace: str | No
 class Kube:
     """The admin's REST client. Methods mirror what the tests need, nothing more."""
 
-    def __init__(self, url: str, context: ssl.SSLContext) -> None:
+    def __init__(self, url: str, context: ssl.SSLContext, *, token: str | None = None) -> None:
         self.url = url
         self.context = context
+        self.token = token  # a bearer token (a ServiceAccount's) sent with every request
 
     def request(
         self,
@@ -85,6 +86,8 @@ class Kube:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Accept", "application/json")
+        if self.token is not None:
+            request.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
             request.add_header("Content-Type", content_type)
         try:
@@ -98,7 +101,9 @@ class Kube:
                 raise ApiError(error.code, raw) from None
         return json.loads(payload) if payload else None
 
-    def create_object(self, resource: str, obj: dict[str, Any], *, namespace: str | None = None) -> Any:
+    def create_object(
+        self, resource: str, obj: dict[str, Any], *, namespace: str | None = None
+    ) -> Any:
         return self.request("POST", resource_path(resource, namespace=namespace), obj)
 
     def get_object(self, resource: str, name: str, *, namespace: str | None = None) -> Any:
@@ -215,7 +220,11 @@ class AuditLog:
             ref = raw.get("objectRef") or {}
             group = ref.get("apiGroup")
             version = ref.get("apiVersion", "")
-            resource = f"{group}/{version}/{ref.get('resource', '')}" if group else f"{version}/{ref.get('resource', '')}"
+            resource = (
+                f"{group}/{version}/{ref.get('resource', '')}"
+                if group
+                else f"{version}/{ref.get('resource', '')}"
+            )
             events.append(
                 AuditEvent(
                     verb=raw.get("verb", ""),
@@ -253,15 +262,22 @@ class AuditLog:
             found.append(event)
         return found
 
-    def writes(self, *, since: int = 0, user: str | None = None, resource: str | None = None) -> list[AuditEvent]:
+    def writes(
+        self, *, since: int = 0, user: str | None = None, resource: str | None = None
+    ) -> list[AuditEvent]:
         return self.requests(since=since, user=user, verb=WRITE_VERBS, resource=resource)
 
-    def wait_for_watch(self, resource: str, *, user: str, since: int = 0, timeout: float = 20.0) -> None:
+    def wait_for_watch(
+        self, resource: str, *, user: str, since: int = 0, timeout: float = 20.0
+    ) -> None:
         """Until ``user`` has a watch on ``resource`` open (its ResponseStarted stage)."""
 
         def started() -> bool:
             return any(
-                e.stage == "ResponseStarted" and e.verb == "watch" and e.user == user and e.resource == resource
+                e.stage == "ResponseStarted"
+                and e.verb == "watch"
+                and e.user == user
+                and e.resource == resource
                 for e in self.events(since)
             )
 

@@ -14,15 +14,20 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from conftest import ROOT
 from controlplane import KUBE_VERSION, ControlPlane, _alive
+
+from conftest import ROOT
 
 SCRIPT = ROOT / "hack" / "cluster" / "controlplane.py"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -44,7 +49,14 @@ def test_up_is_idempotent_and_down_removes_everything(tmp_path: Path) -> None:
 
         # kubectl with the written kubeconfig is the admin (system:masters).
         who = subprocess.run(
-            [str(plane.kubectl), f"--kubeconfig={root / 'admin.kubeconfig'}", "auth", "whoami", "-o", "json"],
+            [
+                str(plane.kubectl),
+                f"--kubeconfig={root / 'admin.kubeconfig'}",
+                "auth",
+                "whoami",
+                "-o",
+                "json",
+            ],
             capture_output=True,
             text=True,
             timeout=60,

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel
 
 from .policy import NodeMemoryPolicy, OomMatch
+from .quantity import PERCENT_PATTERN
 from .status import NodeMemoryPolicyStatus, NodeMemoryReportStatus
 
 __all__ = [
@@ -72,6 +73,7 @@ _ALLOWED_KEYS: Final[tuple[str, ...]] = (
     "x-kubernetes-validations",
 )
 _INT32: Final = (-(2**31), 2**31 - 1)
+_INT64: Final = (-(2**63), 2**63 - 1)
 
 
 def policy_crd() -> dict[str, Any]:
@@ -144,29 +146,27 @@ def render_crds() -> dict[str, str]:
 
 
 # --- CEL rules -------------------------------------------------------------------------
-# Written in the standard CEL that both Kubernetes and cel-python evaluate: no Kubernetes
-# extensions (replace, split, substring, quantity), so tests can check them.
-
-# Standard CEL cannot turn "85%" into a number, but percents compare as strings once their
-# integer parts are padded to one width ("009.5%" < "012%": `%` < `.` < digits in ASCII).
-# That order is the numeric one for integer parts of up to 3 digits, leading zeros allowed,
-# when the upper percent has no trailing fractional zero ("12.5%" < "12.50%" as strings).
-# Other spellings are not judged here; the controller's model check still refuses them.
-_JUDGED_LOWER: Final = "^[0-9]{1,3}[.%]"
-_JUDGED_UPPER: Final = "^[0-9]{1,3}([.][0-9]*[1-9])?%$"
+# Kubernetes CEL, with its string extensions: the tests judge the rules by a real API server.
 
 
-def _zero_padding(value: str) -> str:
-    """CEL for the zeros that pad `value`'s integer part to 3 digits."""
-    return f"({value}.matches('^[0-9][.%]') ? '00' : {value}.matches('^[0-9]{{2}}[.%]') ? '0' : '')"
+def _cel_string(text: str) -> str:
+    """`text` as a CEL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _percent_below_rule(lower: str, upper: str) -> str:
+    """`lower` < `upper` for two percents ("12.5%"), compared as doubles.
+
+    Values the schema's pattern refuses are left to it (a double() of them would add an
+    evaluation error to the pattern's own). The models compare the same doubles, so the
+    two agree even where doubles cannot tell 49.99999999999999999% from 50%.
+    """
     low, high = f"self.{lower}", f"self.{upper}"
+    percent = _cel_string(PERCENT_PATTERN)
     return (
         f"!has({low}) || !has({high})"
-        f" || !{low}.matches('{_JUDGED_LOWER}') || !{high}.matches('{_JUDGED_UPPER}')"
-        f" || {_zero_padding(low)} + {low} < {_zero_padding(high)} + {high}"
+        f" || !{low}.matches({percent}) || !{high}.matches({percent})"
+        f" || double({low}.replace('%', '')) < double({high}.replace('%', ''))"
     )
 
 
@@ -201,7 +201,8 @@ def _policy_spec_extras() -> dict[str, Schema]:
                     "podShm needs pods: the pods whose /dev/shm is sized ({}: every pod)",
                 ),
                 _rule(
-                    "!has(self.podShm) || !self.podShm || !has(self.pods.volume)",
+                    "!has(self.podShm) || !self.podShm"
+                    " || !has(self.pods) || !has(self.pods.volume)",
                     "pods.volume does not apply to podShm: /dev/shm is not a volume",
                     ".pods.volume",
                 ),
@@ -393,6 +394,14 @@ def _structural(node: Schema, defs: Mapping[str, Schema], *, keep_defaults: bool
         low, high = node.get("minimum"), node.get("maximum")
         fits_int32 = low is not None and high is not None and _INT32[0] <= low <= high <= _INT32[1]
         node["format"] = "int32" if fits_int32 else "int64"
+    if node.get("type") == "integer":
+        for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+            # The API server holds bounds as float64 and refuses every value of an int64
+            # field whose bound no longer converts back to int64 (2**63 - 1 rounds up to
+            # 2**63). The int64 type is that bound anyway.
+            if bound in node and not _INT64[0] <= float(node[bound]) <= _INT64[1]:
+                del node[bound]
+                node.pop(flag, None)
     unknown = set(node) - set(_ALLOWED_KEYS)
     if unknown:
         raise ValueError(f"no structural form for {sorted(unknown)} in {node}")

@@ -382,7 +382,9 @@ class CleanupRule(BaseModel):
         trigger: Percent | None = info.data["when_usage_above"]
         if trigger is None:
             raise ValueError("needs whenUsageAbove")
-        if target.value >= trigger.value:
+        # As doubles, which is how the CRD's CEL rule compares them: exact decimals would
+        # accept 49.99999999999999999% below 50%, which the API server refuses.
+        if float(target.value) >= float(trigger.value):
             raise ValueError(f"must be lower than whenUsageAbove ({trigger.text})")
         return target
 

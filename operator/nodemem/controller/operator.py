@@ -10,10 +10,12 @@ of nodes that no longer exist are deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +85,10 @@ class Controller:
         settings.watching.chunk_size = 500
         settings.queueing.idle_timeout = 0.5
         settings.watching.server_timeout = 300
+        # kopf's default gives up on a request after 8 retries (~54 s); an API server
+        # upgrade or outage can last longer, and a controller that exits over it only
+        # comes back after its pod's restart back-off.
+        settings.networking.error_backoffs = RetryForever()
         self.state = ClusterState()
         self._loop_task = asyncio.create_task(self._rollup_loop(self.state))
 
@@ -126,7 +132,7 @@ class Controller:
 
     async def _rollup_loop(self, state: ClusterState) -> None:
         while True:
-            await state.changed.wait()
+            await self._wait_for_change(state)
             state.changed.clear()
             try:
                 await self.reconcile(state)
@@ -134,6 +140,17 @@ class Controller:
                 log.exception("roll-up failed; retrying")
                 state.changed.set()
             await asyncio.sleep(self.settings.interval)
+
+    async def _wait_for_change(self, state: ClusterState) -> None:
+        """Until something changed, or until the orphan grace ends while a report without
+        a known Node waits for it (a quiet cluster sends no event that would wake us)."""
+        remaining = self.settings.orphan_grace - (time.monotonic() - state.started)
+        waiting = remaining > 0 and any(report not in state.nodes for report in state.reports)
+        if not waiting:
+            await state.changed.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.changed.wait(), timeout=remaining)
 
     async def reconcile(self, state: ClusterState) -> None:
         try:
@@ -148,7 +165,9 @@ class Controller:
             status = rollup(body, state.nodes, state.reports, previous)
             if previous is not None and status == previous:
                 continue
-            patch = {"status": status.model_dump(by_alias=True, exclude_none=True)}
+            # A merge patch keeps what it does not name: the nulls are sent so that a field
+            # that became empty is removed, not left stale (the server stores no nulls).
+            patch = {"status": status.model_dump(by_alias=True)}
             try:
                 await asyncio.to_thread(
                     self.api.patch_cluster_custom_object_status,
@@ -164,7 +183,10 @@ class Controller:
                 raise
             self.status_writes += 1
             # Our own write comes back as an event; until then assume it landed.
-            state.policies[name] = {**body, **patch}
+            state.policies[name] = {
+                **body,
+                "status": status.model_dump(by_alias=True, exclude_none=True),
+            }
 
     async def _collect_orphans(self, state: ClusterState) -> None:
         settled = time.monotonic() - state.started > self.settings.orphan_grace
@@ -184,6 +206,15 @@ class Controller:
             state.deleted_nodes.discard(report)
             self.reports_deleted += 1
             log.info("deleted the report of node %s, which no longer exists", report)
+
+
+class RetryForever:
+    """kopf's API retry delays: its defaults, then every 30 s for as long as it takes. An
+    iterable, not an iterator: kopf starts it afresh for every request."""
+
+    def __iter__(self) -> Iterator[float]:
+        yield from (1, 1, 2, 3, 5, 8, 13, 21)
+        yield from itertools.repeat(30.0)
 
 
 def _status_of(body: Mapping[str, Any]) -> NodeMemoryPolicyStatus | None:
