@@ -1,16 +1,22 @@
 """Benchmark: the cluster agent on this host under load: RSS, CPU share, API requests.
 
-Serves the Kubernetes API emulator (tests/kube/emulator.py) from this process with a
-Node for the agent, a few pods on it and one NodeMemoryPolicy selecting it: a tmpfs
-limit on a tmpfs mounted here, an oom rule matching half of the background processes by
-cmdline, a cleanup rule for old *.log files (some held open by background processes).
-Starts 1,000 `sleep` processes (a third hold an fd to a file on the tmpfs), then the
-real agent as its own process (`python -m nodemem.cli agent ...`) for --minutes, and
-samples its /proc/PID/status VmRSS/VmHWM and /proc/PID/stat CPU time every few seconds
-and the emulator's request log. The first minute (startup) is reported apart from the
-steady state. Then, in the same run with the same processes, the cost of one
-`nodemem report --json` (CPU from RUSAGE_CHILDREN, and wall time) expressed as one
-report per resync, to compare with the agent's CPU share.
+Starts a private control plane (etcd, kube-apiserver, kube-controller-manager built by
+hack/cluster/controlplane.py, in a temporary directory) with nodemem's CRDs and the
+chart's ServiceAccounts, RBAC and admission policy, and creates a Node for the agent
+(its Lease renewed as a kubelet would, so that the node controller leaves it Ready), a
+few pods on it and one NodeMemoryPolicy selecting it: a tmpfs limit on a tmpfs mounted
+here, an oom rule matching half of the background processes by cmdline, a cleanup rule
+for old *.log files (some held open by background processes). Starts 1,000 `sleep`
+processes (a third hold an fd to a file on the tmpfs), then the real agent as its own
+process (`python -m nodemem.cli agent ...`) for --minutes, authenticated as the chart's
+agent ServiceAccount with a token bound to a Pod on its Node (so RBAC and the admission
+policy apply as in a cluster), and samples its /proc/PID/status VmRSS/VmHWM and
+/proc/PID/stat CPU time every few seconds. Its API requests are counted from the API
+server's audit log (the agent's user only). The first minute (startup) is reported apart
+from the steady state. Then, in the same run with the same processes, the baseline: the
+cost of one `nodemem report --json` (CPU from RUSAGE_CHILDREN, and wall time) expressed
+as one report per resync, to compare with the agent's CPU share. The control plane's
+own cost (VmHWM and CPU of etcd, kube-apiserver, kube-controller-manager) is printed too.
 
 Run as root (it mounts a tmpfs): `python bench/agent_load.py [--minutes 10]
 [--processes 1000] [--resync 30]`. Goals: RSS <= 80 MiB, CPU <= 1 % of a core,
@@ -20,7 +26,6 @@ Run as root (it mounts a tmpfs): `python bench/agent_load.py [--minutes 10]
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import resource
 import secrets
@@ -41,7 +46,16 @@ from typing import Any
 
 from nodemem.agent.report_diff import meaningful_change
 
-KUBE_TESTS = Path(__file__).resolve().parents[1] / "tests" / "kube"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cluster import (
+    AGENT_USER,
+    Api,
+    AuditEvent,
+    Cluster,
+    NodeLeases,
+    control_plane_lines,
+    private_cluster,
+)
 
 NODE = "bench-node"
 NODES = "v1/nodes"
@@ -74,7 +88,7 @@ class Sample:
     rss_kib: int
     hwm_kib: int
     cpu_ticks: int  # utime + stime + cutime + cstime
-    seq: int  # the emulator's request log position
+    seq: int  # the audit log's position (bytes)
     host_busy: int  # /proc/stat jiffies, all cores
     host_total: int
 
@@ -158,8 +172,11 @@ def fill_tmpfs(point: Path) -> None:
         os.utime(old, (OLD, OLD))
 
 
-def seed_api(kube: Any, point: Path, token: str, pods: int) -> None:
-    kube.create_object(
+def seed_api(cluster: Cluster, leases: NodeLeases, point: Path, token: str, pods: int) -> None:
+    """The Node (and its kubelet's Lease, renewed by ``leases`` from now on), the pods on
+    it (Running, as their kubelet would say), the policy."""
+    kube = cluster.admin
+    node = kube.create(
         NODES,
         {
             "metadata": {
@@ -169,23 +186,33 @@ def seed_api(kube: Any, point: Path, token: str, pods: int) -> None:
             "status": {"capacity": {"memory": "24Gi", "cpu": "2"}},
         },
     )
+    leases.add(NODE, node["metadata"]["uid"])
+    # The ServiceAccount admission refuses pods until the controller manager made it.
+    cluster.wait_for_service_account("default", "default")
     for index in range(pods):
-        kube.create_object(
+        kube.create(
             PODS,
             {
                 "metadata": {
                     "name": f"app-{index}",
-                    "namespace": "default",
                     "labels": {"app": "bench", "tier": "batch" if index % 2 else "web"},
                 },
                 "spec": {
                     "nodeName": NODE,
+                    "automountServiceAccountToken": False,
                     "containers": [{"name": "app", "image": "registry.example/app:1"}],
                 },
-                "status": {"phase": "Running"},
             },
+            namespace="default",
         )
-    kube.create_object(POLICIES, policy(point, token))
+        kube.patch(
+            PODS,
+            f"app-{index}",
+            {"status": {"phase": "Running"}},
+            subresource="status",
+            namespace="default",
+        )
+    kube.create(POLICIES, policy(point, token))
 
 
 def start_background(count: int, point: Path, token: str, seconds: int) -> list[int]:
@@ -219,12 +246,6 @@ def adj_of(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
     except OSError:
         return None
-
-
-def load_emulator() -> Any:
-    """tests/kube/emulator.py (it imports its siblings by their plain names)."""
-    sys.path.insert(0, str(KUBE_TESTS))
-    return importlib.import_module("emulator")
 
 
 @contextmanager
@@ -265,7 +286,7 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int
 # ------------------------------------------------------------------------ measuring
 
 
-def sample(pid: int, kube: Any, started: float) -> Sample:
+def sample(pid: int, cluster: Cluster, started: float) -> Sample:
     rss, hwm = status_kib(pid)
     busy, total = host_jiffies()
     return Sample(
@@ -273,7 +294,7 @@ def sample(pid: int, kube: Any, started: float) -> Sample:
         rss_kib=rss,
         hwm_kib=hwm,
         cpu_ticks=cpu_ticks(pid),
-        seq=kube.mark(),
+        seq=cluster.audit.mark(),
         host_busy=busy,
         host_total=total,
     )
@@ -284,11 +305,6 @@ def at(samples: list[Sample], t: float) -> Sample:
     return next((s for s in samples if s.t >= t), samples[-1])
 
 
-def written_at(samples: list[Sample], seq: int) -> float:
-    """When a request was made, to the sampling interval: the first sample that saw it."""
-    return next((s.t for s in samples if s.seq >= seq), samples[-1].t)
-
-
 @dataclass
 class RequestCounts:
     total: int = 0
@@ -297,11 +313,13 @@ class RequestCounts:
     writes: int = 0
     status_writes: int = 0
     events: int = 0
+    refused: int = 0  # answered 4xx or 5xx
 
     @classmethod
-    def of(cls, records: list[Any]) -> RequestCounts:
+    def of(cls, records: list[AuditEvent]) -> RequestCounts:
         counts = cls(total=len(records))
         for record in records:
+            counts.refused += record.code is not None and record.code >= 400
             if record.verb in READ_VERBS:
                 counts.reads += 1
                 counts.watches += record.verb == "watch"
@@ -312,8 +330,10 @@ class RequestCounts:
         return counts
 
 
-def requests_between(kube: Any, first: int, last: int) -> list[Any]:
-    return [r for r in kube.requests(since=first) if r.seq <= last]
+def requests_between(cluster: Cluster, first: int, last: int) -> list[AuditEvent]:
+    """The agent's requests between two audit log positions, each counted once, when sent
+    (a watch when its stream started)."""
+    return cluster.audit.sent(since=first, until=last, user=AGENT_USER)
 
 
 def changed_keys(old: Any, new: Any, path: str = "") -> list[str]:
@@ -330,14 +350,14 @@ def changed_keys(old: Any, new: Any, path: str = "") -> list[str]:
 class StatusWatcher:
     """Each new version of the report's status seen by the sampler, and what changed."""
 
-    def __init__(self, kube: Any) -> None:
+    def __init__(self, kube: Api) -> None:
         self.kube = kube
         self.version: str | None = None
         self.status: dict[str, Any] | None = None
         self.changes: list[tuple[float, list[str]]] = []
 
     def poll(self, t: float) -> None:
-        obj = self.kube.get_object(REPORTS, NODE)
+        obj = self.kube.get(REPORTS, NODE)
         if obj is None or obj["metadata"].get("resourceVersion") == self.version:
             return
         self.version = obj["metadata"].get("resourceVersion")
@@ -393,8 +413,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
-    emulator_module = load_emulator()
-    token = str(secrets.randbelow(10**6) + 10**6)
+    token = str(secrets.randbelow(10**6) + 10**6)  # names this run's processes
     duration = int(args.minutes * 60)
     warmup = args.warmup
 
@@ -402,11 +421,14 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     stack.enter_context(mounted_tmpfs(point))
     fill_tmpfs(point)
 
-    kube = emulator_module.make_emulator(bookmark_interval=args.bookmark_interval)
-    server = emulator_module.EmulatorThread(kube).start()
-    stack.callback(server.stop)
-    kubeconfig = emulator_module.write_kubeconfig(workdir / "kubeconfig", server.url)
-    seed_api(kube, point, token, args.pods)
+    cluster = stack.enter_context(private_cluster())
+    kube = cluster.admin
+    leases = NodeLeases(kube, interval=10.0).start()  # a kubelet's interval
+    stack.callback(leases.stop)
+    seed_api(cluster, leases, point, token, args.pods)
+    # The agent's identity as in the DaemonSet: a token bound to a Pod on its Node.
+    agent_token = cluster.agent_token(NODE, expiration=max(3600, duration + 1800))
+    kubeconfig = cluster.write_kubeconfig(workdir / "agent.kubeconfig", agent_token)
 
     background: list[int] = []
     stack.callback(kill_all, background)
@@ -441,19 +463,20 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         str(args.heartbeat),
     ]
     log_file = stack.enter_context(log_path.open("wb"))
-    first_seq = kube.mark()
+    first_seq = cluster.audit.mark()
     agent = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
     started = time.monotonic()
+    started_wall = time.time()
     stack.callback(stop_process, agent)
     print(f"agent pid {agent.pid}: {' '.join(argv[1:])}")
 
     def enforcing() -> bool:
-        obj = kube.get_object(REPORTS, NODE) or {}
+        obj = kube.get(REPORTS, NODE) or {}
         policies = (obj.get("status") or {}).get("policies")
         st = os.statvfs(point)
         return bool(policies) and st.f_blocks * st.f_frsize == TMPFS_LIMIT_BYTES
 
-    samples = [sample(agent.pid, kube, started)]
+    samples = [sample(agent.pid, cluster, started)]
     statuses = StatusWatcher(kube)
     if not wait_for(enforcing, 120, agent):
         print("the agent did not enforce the policy within 120 s; its log:", file=sys.stderr)
@@ -475,14 +498,15 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
             print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
             return 1
         if now >= next_sample:
-            samples.append(sample(agent.pid, kube, started))
+            samples.append(sample(agent.pid, cluster, started))
             statuses.poll(samples[-1].t)
             next_sample += SAMPLE_SECONDS
         if now >= next_progress:
             last = samples[-1]
             print(
                 f"  {last.t / 60:4.1f} min: RSS {last.rss_kib / 1024:.1f} MiB, "
-                f"CPU {last.cpu_ticks / CLK_TCK:.2f} s, {last.seq - first_seq} requests",
+                f"CPU {last.cpu_ticks / CLK_TCK:.2f} s, "
+                f"{len(requests_between(cluster, first_seq, last.seq))} requests",
                 flush=True,
             )
             next_progress += 60
@@ -499,7 +523,15 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         for line in log_text.splitlines()
         if " WARNING " in line or " ERROR " in line or "Traceback" in line
     ]
-    final_status = (kube.get_object(REPORTS, NODE) or {}).get("status") or {}
+    final_status = (kube.get(REPORTS, NODE) or {}).get("status") or {}
+    node_now = kube.get(NODES, NODE) or {}
+    unreachable = [
+        t["effect"]
+        for t in (node_now.get("spec") or {}).get("taints") or []
+        if t["key"] == "node.kubernetes.io/unreachable"
+    ]
+    plane_memory, plane_cpu = cluster.memory(), cluster.cpu_seconds()
+    sent = requests_between(cluster, first_seq, final.seq)
 
     # One `nodemem report` on the same host, the agent stopped (so that neither disturbs
     # the other, and the agent, a child too, is already reaped from RUSAGE_CHILDREN).
@@ -525,8 +557,8 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         * (final.host_busy - steady_from.host_busy)
         / max(1, final.host_total - steady_from.host_total)
     )
-    first = RequestCounts.of(requests_between(kube, first_seq, steady_from.seq))
-    later = RequestCounts.of(requests_between(kube, steady_from.seq, final.seq))
+    first = RequestCounts.of(requests_between(cluster, first_seq, steady_from.seq))
+    later = RequestCounts.of(requests_between(cluster, steady_from.seq, final.seq))
     per_min = 60 / window
 
     print()
@@ -596,15 +628,15 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     cells = []
     for minute in range(max(1, int(-(-(final.t - SAMPLE_SECONDS) // 60)))):
         lo, hi = at(samples, 60 * minute), at(samples, 60 * (minute + 1))
-        counts = RequestCounts.of(requests_between(kube, lo.seq, hi.seq))
+        counts = RequestCounts.of(requests_between(cluster, lo.seq, hi.seq))
         cells.append(f"{minute}: {counts.reads}/{counts.writes}/{counts.status_writes}")
     print("  " + ", ".join(cells))
-    writes = [r for r in requests_between(kube, first_seq, final.seq) if r.verb in WRITE_VERBS]
+    writes = [r for r in sent if r.verb in WRITE_VERBS]
     print(f"writes (t in s since the agent started: verb resource[/subresource]), {len(writes)}:")
     print(
         "  "
         + ", ".join(
-            f"{written_at(samples, r.seq):.0f}: {r.verb} {r.plural}"
+            f"{r.received - started_wall:.0f}: {r.verb} {r.plural}"
             + (f"/{r.subresource}" if r.subresource else "")
             for r in writes[:40]
         )
@@ -629,10 +661,24 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         print(f"a `nodemem report` failed:\n{failure}", file=sys.stderr)
     if args.profile:
         print(f"profile: {args.profile}")
-    if kube.server_errors:
-        print(f"the emulator failed while serving: {kube.server_errors!r}", file=sys.stderr)
-        return 1
-    return 0
+    refused = [r for r in sent if r.code is not None and r.code >= 400]
+    print(
+        f"agent requests refused (4xx/5xx): {len(refused)}"
+        + "".join(
+            f"\n  {r.received - started_wall:.0f}: {r.verb} {r.resource}"
+            + (f"/{r.subresource}" if r.subresource else "")
+            + f" {r.name or ''} -> {r.code}"
+            for r in refused[:10]
+        )
+    )
+    print(
+        f"node {NODE}: "
+        + (f"tainted unreachable ({', '.join(unreachable)})" if unreachable else "not tainted")
+        + f"; Lease renewed {leases.renewals} times ({len(leases.failures)} failed)"
+    )
+    for line in control_plane_lines(plane_memory, plane_cpu):
+        print(line)
+    return 1 if refused or unreachable else 0
 
 
 def main() -> int:
@@ -643,12 +689,6 @@ def main() -> int:
     parser.add_argument("--heartbeat", type=float, default=300.0, help="agent heartbeat (s)")
     parser.add_argument("--warmup", type=float, default=60.0, help="startup, not steady (s)")
     parser.add_argument("--pods", type=int, default=20, help="pods on the agent's node")
-    parser.add_argument(
-        "--bookmark-interval",
-        type=float,
-        default=60.0,
-        help="seconds between watch BOOKMARKs (a real API server: about a minute)",
-    )
     parser.add_argument("--report-runs", type=int, default=5, help="`nodemem report` runs")
     parser.add_argument("--profile", metavar="FILE", help="run the agent under cProfile")
     parser.add_argument("--log", metavar="FILE", help="keep the agent's log here")
@@ -664,8 +704,9 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="nodemem-bench-agent-"))
     started = time.monotonic()
     try:
-        # Undone in reverse: the agent stopped, the processes killed, the emulator
-        # stopped, the tmpfs unmounted; every step runs even if one before it fails.
+        # Undone in reverse: the agent stopped, the processes killed, the Lease renewals
+        # and the control plane stopped, the tmpfs unmounted; every step runs even if one
+        # before it fails.
         with ExitStack() as stack:
             return run(args, workdir, stack)
     finally:

@@ -1,15 +1,19 @@
 """Connecting to the API server: one client configuration for the official client and
 for kopf, from in-cluster credentials or a kubeconfig file. Shared by agent and
-controller (neither may import the other)."""
+controller (neither may import the other). kopf is the controller's alone: imported by
+`kopf_login` when called, so the agent, which uses `load_client_config` only, never
+loads it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+
+if TYPE_CHECKING:
+    import kopf
 
 
 def load_client_config(kubeconfig: str | None = None) -> k8s.Configuration:
@@ -34,6 +38,7 @@ def load_client_config(kubeconfig: str | None = None) -> k8s.Configuration:
 def kopf_login(configuration: k8s.Configuration) -> Callable[..., kopf.ConnectionInfo]:
     """A kopf on.login handler that uses exactly `configuration` (kopf's own helpers
     would load the default kubeconfig again, ignoring an explicit file)."""
+    import kopf  # noqa: PLC0415  (the controller's alone; see the module docstring)
 
     def login(**_: Any) -> kopf.ConnectionInfo:
         header = configuration.get_api_key_with_prefix(

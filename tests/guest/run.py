@@ -48,7 +48,7 @@ GUEST_ENV = {
 
 
 # pytest inside the guest. Under TCG a Python start costs 10-20x the host's: without
-# the hypothesis and kmock plugins (no guest test uses them) collection takes 3 s, not 30.
+# the hypothesis plugin (no guest test uses it) collection takes 3 s, not 30.
 PYTEST = (
     str(REPO / ".venv" / "bin" / "python"),
     "-m",
@@ -57,8 +57,6 @@ PYTEST = (
     "no:cacheprovider",
     "-p",
     "no:hypothesispytest",
-    "-p",
-    "no:kmock",
 )
 
 

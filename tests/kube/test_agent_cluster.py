@@ -1,9 +1,12 @@
-"""The node agent against the API emulator, enforcing on this real host.
+"""The node agent against the real control plane, enforcing on this real host.
 
-Policies come from the API; the agent limits a tmpfs the test mounted, sets a test
-process's oom_score_adj, runs a due cleanup, and its NodeMemoryReport says so. It
-never writes to policies, keeps enforcing while the API is away (and after a restart
-with the API away), and writes no status between heartbeats when nothing changes.
+The agent authenticates as the chart's agent ServiceAccount with a token bound to a Pod
+on its Node (the ValidatingAdmissionPolicy lets it write only that Node's report), never
+as the admin. Policies come from the API; the agent limits a tmpfs the test mounted,
+sets a test process's oom_score_adj, runs a due cleanup, and its NodeMemoryReport says
+so. The server's audit log shows that it never writes to policies, keeps enforcing while
+kube-apiserver is stopped (and after a restart with it stopped), posts no flood of
+Events across an outage, and writes no status between heartbeats when nothing changes.
 """
 
 from __future__ import annotations
@@ -16,26 +19,28 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from emulator import EmulatorThread, KubeEmulator, wait_until
+from realkube import ApiError, AuditLog, Kube, wait_until
 
+from conftest import AGENT_USER, POLICIES, REPORTS
 from nodemem.agent.main import ClusterAgent, ClusterAgentOptions
 from nodemem.kube import load_client_config
 from samples import FakeWallClock
 
 pytestmark = pytest.mark.privileged
 
-POLICIES = "nodemem.dev/v1alpha1/nodememorypolicies"
-REPORTS = "nodemem.dev/v1alpha1/nodememoryreports"
 NODES = "v1/nodes"
+EVENTS = "v1/events"
 MiB = 1 << 20
+TIMEOUT = 30.0  # a real server and several agent threads on a loaded 2-core machine
 
 
 def free_port() -> int:
@@ -82,6 +87,7 @@ class RunningAgent:
     thread: threading.Thread
     metrics_port: int
     clock: FakeWallClock
+    kubeconfig: Path  # the agent's own credentials (its pod-bound token)
 
     @property
     def stop(self) -> threading.Event:
@@ -94,10 +100,28 @@ class RunningAgent:
 
 
 @pytest.fixture
-def start_agent(kube_server: EmulatorThread, kubeconfig: Path, tmp_path: Path) -> Iterator[Any]:
+def agent_kubeconfig(
+    agent_token: Callable[..., str], kubeconfig_for_token: Callable[[str], Path]
+) -> Callable[..., Path]:
+    """agent_kubeconfig(node, **labels): a kubeconfig with the agent's token for `node`
+    (a Pod of the agent's ServiceAccount bound to it; the Node is created when missing)."""
+
+    def issue(node: str = "node-a", **labels: str) -> Path:
+        return kubeconfig_for_token(agent_token(node, **(labels or {"pool": "web"})))
+
+    return issue
+
+
+@pytest.fixture
+def start_agent(agent_kubeconfig: Callable[..., Path], tmp_path: Path) -> Iterator[Any]:
     agents: list[RunningAgent] = []
 
-    def start(node: str = "node-a", **overrides: Any) -> RunningAgent:
+    def start(
+        node: str = "node-a", *, kubeconfig: Path | None = None, **overrides: Any
+    ) -> RunningAgent:
+        """Start a ClusterAgent for `node`; `kubeconfig` reuses credentials issued before
+        (the API may be down when the agent starts)."""
+        config_file = kubeconfig or agent_kubeconfig(node)
         options = ClusterAgentOptions(
             node_name=node,
             state_dir=tmp_path / f"state-{node}",
@@ -110,12 +134,14 @@ def start_agent(kube_server: EmulatorThread, kubeconfig: Path, tmp_path: Path) -
         )
         for key, value in overrides.items():
             setattr(options, key, value)
-        cluster_agent = ClusterAgent(options, load_client_config(str(kubeconfig)))
+        cluster_agent = ClusterAgent(options, load_client_config(str(config_file)))
         thread = threading.Thread(target=cluster_agent.run, daemon=True)
         thread.start()
         clock = options.wall_clock
         assert isinstance(clock, FakeWallClock)
-        agent = RunningAgent(node, cluster_agent, thread, options.metrics_port or 0, clock)
+        agent = RunningAgent(
+            node, cluster_agent, thread, options.metrics_port or 0, clock, config_file
+        )
         agents.append(agent)
         return agent
 
@@ -129,7 +155,7 @@ def spawn(processes: list[subprocess.Popen[bytes]], token: str) -> int:
     return processes[-1].pid
 
 
-def report(kube: KubeEmulator, node: str = "node-a") -> dict[str, Any]:
+def report(kube: Kube, node: str = "node-a") -> dict[str, Any]:
     obj = kube.get_object(REPORTS, node)
     return (obj or {}).get("status") or {}
 
@@ -138,32 +164,38 @@ def token_() -> str:
     return str(secrets.randbelow(10**6) + 10**6)
 
 
+def agent_policy_reads(audit: AuditLog, since: int) -> list[Any]:
+    """The agent's reads of policies (its lists and its watch): proof that the audit
+    filter by AGENT_USER sees the agent at all, so that "no writes" can fail."""
+    return audit.requests(since=since, user=AGENT_USER, resource=POLICIES, verb=("list", "watch"))
+
+
 def test_policy_enforced_reported_updated_and_never_written(
-    kube, mount_tmpfs, start_agent, processes
+    kube, audit, mount_tmpfs, start_agent, processes
 ) -> None:
     point = mount_tmpfs(options="size=64m")
     token = token_()
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
     kube.create_object(POLICIES, policy(point, token))
     pid = spawn(processes, token)
-    start = kube.mark()
+    start = audit.mark()
     agent = start_agent()
 
     # Enforced: the tmpfs limit and the running process's adj.
-    wait_until(lambda: size_of(point) == 16 * MiB, message="tmpfs limited")
-    wait_until(lambda: adj(pid) == 600, message="adj set")
+    wait_until(lambda: size_of(point) == 16 * MiB, message="tmpfs limited", timeout=TIMEOUT)
+    wait_until(lambda: adj(pid) == 600, message="adj set", timeout=TIMEOUT)
     # A process started now gets its adj at exec.
     late = spawn(processes, token)
-    wait_until(lambda: adj(late) == 600, message="adj at exec")
+    wait_until(lambda: adj(late) == 600, message="adj at exec", timeout=TIMEOUT)
 
     # The report: created, owned by the Node, listing the policy and every item's state.
     wait_until(
         lambda: report(kube).get("policies") == [{"name": "agent-test", "generation": 1}],
         message="report lists the policy",
+        timeout=TIMEOUT,
     )
     obj = kube.get_object(REPORTS, "node-a")
     assert obj is not None
-    node_uid = kube.get_object(NODES, "node-a")["metadata"]["uid"]  # type: ignore[index]
+    node_uid = kube.get_object(NODES, "node-a")["metadata"]["uid"]
     assert obj["metadata"]["ownerReferences"][0]["uid"] == node_uid
     status = report(kube)
     # Applied by the first resync, Unchanged from the next one on (a rewrite ~0.3 s later).
@@ -172,6 +204,9 @@ def test_policy_enforced_reported_updated_and_never_written(
     assert size_of(point) == 16 * MiB
     assert status["oom"]["rules"][0]["name"] == "batch"
     assert {c["type"]: c["status"] for c in status["conditions"]}["Applied"] == "True"
+    # Written by the agent's ServiceAccount, never by the admin.
+    created = audit.requests(since=start, verb="create", resource=REPORTS)
+    assert [(e.user, e.code) for e in created] == [(AGENT_USER, 201)]
 
     # The Shmem attribution: a file written into the tmpfs shows under its mount point.
     (point / "data").write_bytes(b"x" * 4 * MiB)
@@ -181,6 +216,7 @@ def test_policy_enforced_reported_updated_and_never_written(
             for item in report(kube).get("shmem", {}).get("top", [])
         ),
         message="tmpfs in the report's Shmem",
+        timeout=TIMEOUT,
     )
 
     # A due cleanup: the wall clock reaches the rule's cron time.
@@ -188,10 +224,11 @@ def test_policy_enforced_reported_updated_and_never_written(
     old.write_bytes(b"x" * MiB)
     os.utime(old, (0, 0))
     agent.clock.now += timedelta(minutes=30)
-    wait_until(lambda: not old.exists(), message="cleanup ran")
+    wait_until(lambda: not old.exists(), message="cleanup ran", timeout=TIMEOUT)
     wait_until(
         lambda: [c.get("filesRemoved") for c in report(kube).get("cleanup", [])] == [1],
         message="cleanup reported",
+        timeout=TIMEOUT,
     )
 
     # A policy update is applied within seconds.
@@ -200,41 +237,40 @@ def test_policy_enforced_reported_updated_and_never_written(
         "agent-test",
         {"spec": {"oom": [{"name": "batch", "match": {"cmdline": token}, "oomScoreAdj": 700}]}},
     )
-    wait_until(lambda: adj(pid) == 700, message="update applied")
+    wait_until(lambda: adj(pid) == 700, message="update applied", timeout=TIMEOUT)
     wait_until(
         lambda: report(kube).get("policies") == [{"name": "agent-test", "generation": 2}],
         message="report at generation 2",
+        timeout=TIMEOUT,
     )
 
-    # Nothing was ever written to the policy by the agent.
-    assert kube.writes(since=start, resource=POLICIES) == []
+    # Nothing was ever written to the policy by the agent (which did read it).
+    assert agent_policy_reads(audit, start)
+    assert audit.writes(since=start, user=AGENT_USER, resource=POLICIES) == []
 
 
 def test_policy_for_other_nodes_does_nothing(kube, mount_tmpfs, start_agent, processes) -> None:
     point = mount_tmpfs(options="size=64m")
     token = token_()
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
     kube.create_object(POLICIES, policy(point, token, pool="db"))
     pid = spawn(processes, token)
     start_agent()
-    wait_until(lambda: "memory" in report(kube), message="first report")
+    wait_until(lambda: "memory" in report(kube), message="first report", timeout=TIMEOUT)
     assert report(kube)["policies"] == []
     assert size_of(point) == 64 * MiB
     assert adj(pid) == 0
     # The node joins the pool: the policy now selects it.
     kube.patch_object(NODES, "node-a", {"metadata": {"labels": {"pool": "db"}}})
-    wait_until(lambda: adj(pid) == 600, message="applied after the label change")
+    wait_until(lambda: adj(pid) == 600, message="applied after the label change", timeout=TIMEOUT)
     assert size_of(point) == 16 * MiB
 
 
 def test_two_agents_report_side_by_side_and_never_write_the_policy(
-    kube, mount_tmpfs, start_agent
+    kube, audit, mount_tmpfs, start_agent
 ) -> None:
     point = mount_tmpfs(options="size=64m")
-    for node in ("node-a", "node-b"):
-        kube.create_object(NODES, {"metadata": {"name": node, "labels": {"pool": "web"}}})
     kube.create_object(POLICIES, policy(point, token_()))
-    start = kube.mark()
+    start = audit.mark()
     start_agent("node-a")
     start_agent("node-b")
     for node in ("node-a", "node-b"):
@@ -243,61 +279,145 @@ def test_two_agents_report_side_by_side_and_never_write_the_policy(
                 report(kube, n).get("policies") == [{"name": "agent-test", "generation": 1}]
             ),
             message=f"report of {node}",
+            timeout=TIMEOUT,
         )
-    assert kube.writes(since=start, resource=POLICIES) == []
-    writes = kube.writes(since=start, resource=REPORTS)
-    assert {r.name for r in writes if r.verb != "create"} == {"node-a", "node-b"}
-    assert len([r for r in writes if r.verb == "create"]) == 2  # each its own, once
+    assert agent_policy_reads(audit, start)
+    assert audit.writes(since=start, user=AGENT_USER, resource=POLICIES) == []
+    writes = audit.writes(since=start, user=AGENT_USER, resource=REPORTS)
+    assert {e.name for e in writes if e.verb != "create"} == {"node-a", "node-b"}
+    creates = [e for e in writes if e.verb == "create"]
+    assert sorted((e.name, e.code) for e in creates) == [("node-a", 201), ("node-b", 201)]
+    # Every write of the agents was admitted: each wrote only its own report.
+    assert [e for e in writes if e.code is None or not 200 <= e.code < 300] == []
 
 
-def test_enforcement_continues_while_the_api_is_away_and_the_report_catches_up(
-    kube, kube_server, mount_tmpfs, start_agent, processes
+def restart_apiserver(control_plane: Any, kube: Kube) -> None:
+    """Start kube-apiserver again after stop_apiserver(), and wait until it serves
+    nodemem's resources: a custom resource's storage is made by the first request after a
+    start and answers 429 "storage is (re)initializing" until its cache has listed (a
+    fraction of a second); the test's own requests and the fixtures' cleanup must not
+    meet that."""
+    control_plane.start_apiserver()
+
+    def served() -> bool:
+        try:
+            for resource in (POLICIES, REPORTS):
+                kube.list_objects(resource)
+        except ApiError as error:
+            if error.status == 429:
+                return False
+            raise
+        return True
+
+    wait_until(served, message="nodemem's resources served again", timeout=TIMEOUT)
+
+
+def agent_event_creates(audit: AuditLog, since: int) -> list[Any]:
+    return [
+        e
+        for e in audit.requests(since=since, user=AGENT_USER, verb="create")
+        if e.plural == "events"
+    ]
+
+
+def test_enforcement_continues_while_the_api_is_away_and_the_report_catches_up(  # noqa: PLR0917 - fixtures
+    kube, audit, control_plane, mount_tmpfs, start_agent, processes
 ) -> None:
     point = mount_tmpfs(options="size=64m")
+    # A second tmpfs the policy cannot shrink: Refused at every resync, an Event once.
+    refused = mount_tmpfs("refused", options="size=64m")
+    (refused / "data").write_bytes(b"x" * 24 * MiB)
     token = token_()
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
-    kube.create_object(POLICIES, policy(point, token))
-    start_agent()
+    document = policy(point, token)
+    document["spec"]["tmpfs"].append({"path": str(refused), "size": "16Mi"})
+    kube.create_object(POLICIES, document)
+    start = audit.mark()
+    running = start_agent()
+
+    def tmpfs_states() -> dict[str, str]:
+        return {t["path"]: t["state"] for t in report(kube).get("tmpfs", [])}
+
     wait_until(
-        lambda: [t["state"] for t in report(kube).get("tmpfs", [])] in (["Applied"], ["Unchanged"]),
+        lambda: (
+            tmpfs_states().get(str(point)) in ("Applied", "Unchanged")
+            and tmpfs_states().get(str(refused)) == "Refused"
+        ),
         message="first report",
+        timeout=TIMEOUT,
     )
     assert size_of(point) == 16 * MiB
-    port = int(kube_server.url.rsplit(":", 1)[1])
-    kube_server.stop()
+    wait_until(
+        lambda: len(agent_event_creates(audit, start)) >= 1,
+        message="refusal event",
+        timeout=TIMEOUT,
+    )
+    state, writer = running.cluster_agent.agent.state, running.cluster_agent.writer
+    before_outage = audit.mark()
+
+    control_plane.stop_apiserver()
     try:
+        writes = writer.writes
         pid = spawn(processes, token)  # a new process while the API is down
-        wait_until(lambda: adj(pid) == 600, message="adj without the API")
+        wait_until(lambda: adj(pid) == 600, message="adj without the API", timeout=TIMEOUT)
         (point / "grown").write_bytes(b"x" * 8 * MiB)  # a change the report must catch up on
-    finally:
-        restarted = EmulatorThread(kube, port=port).start()
-    try:
+        # Enforcement goes on: resyncs run, the limit holds; no write gets through.
+        resyncs = state.resyncs
         wait_until(
-            lambda: report(kube)["tmpfs"][0].get("usedBytes", 0) >= 8 * MiB,
-            message="report caught up",
-            timeout=30,
+            lambda: state.resyncs >= resyncs + 5, message="resyncs without the API", timeout=TIMEOUT
         )
+        assert size_of(point) == 16 * MiB
+        assert writer.writes == writes
     finally:
-        restarted.stop()
+        restart_apiserver(control_plane, kube)
+
+    def used(path: Path) -> int:
+        return next(
+            (
+                t.get("usedBytes", 0)
+                for t in report(kube).get("tmpfs", [])
+                if t["path"] == str(path)
+            ),
+            0,
+        )
+
+    wait_until(lambda: used(point) >= 8 * MiB, message="report caught up", timeout=TIMEOUT)
+    assert tmpfs_states()[str(refused)] == "Refused"
+    # The refusal went on through the outage and after it; its Event was not repeated
+    # (rate-limited), nor did the outage make the agent post any other.
+    resyncs = state.resyncs
+    wait_until(lambda: state.resyncs >= resyncs + 5, message="more cycles", timeout=TIMEOUT)
+    assert agent_event_creates(audit, before_outage) == []
+    assert len(agent_event_creates(audit, start)) == 1
 
 
 def test_restart_with_the_api_down_uses_the_saved_policy(  # noqa: PLR0917 - fixtures
-    kube, kube_server, mount_tmpfs, start_agent, processes, tmp_path
+    kube, control_plane, mount_tmpfs, start_agent, processes, tmp_path
 ) -> None:
     point = mount_tmpfs(options="size=64m")
     token = token_()
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
     kube.create_object(POLICIES, policy(point, token))
     first = start_agent(state_dir=tmp_path / "state")
-    wait_until((tmp_path / "state" / "policies.yaml").exists, message="saved")
+    wait_until((tmp_path / "state" / "policies.yaml").exists, message="saved", timeout=TIMEOUT)
     wait_until(
-        lambda: report(kube).get("policies") != [] and "policies" in report(kube), message="applied"
+        lambda: report(kube).get("policies") == [{"name": "agent-test", "generation": 1}],
+        message="applied",
+        timeout=TIMEOUT,
     )
     first.halt()
-    kube_server.stop()
-    start_agent(state_dir=tmp_path / "state")  # the API is unreachable
-    pid = spawn(processes, token)
-    wait_until(lambda: adj(pid) == 600, message="saved policy enforced")
+    control_plane.stop_apiserver()
+    try:
+        # The API is unreachable: the agent starts with the credentials issued before.
+        second = start_agent(state_dir=tmp_path / "state", kubeconfig=first.kubeconfig)
+        pid = spawn(processes, token)
+        wait_until(lambda: adj(pid) == 600, message="saved policy enforced", timeout=TIMEOUT)
+        assert second.cluster_agent.writer.writes == 0
+    finally:
+        restart_apiserver(control_plane, kube)
+    # The API is back: the report resumes.
+    wait_until(
+        lambda: second.cluster_agent.writer.writes >= 1, message="a report written", timeout=TIMEOUT
+    )
+    assert report(kube)["policies"] == [{"name": "agent-test", "generation": 1}]
 
 
 def listening_address(port: int) -> str | None:
@@ -322,7 +442,6 @@ def metric(text: str, name: str, **labels: str) -> float:
 def test_metrics_and_health_endpoints(kube, mount_tmpfs, start_agent, processes) -> None:
     point = mount_tmpfs(options="size=64m")
     token = token_()
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
     kube.create_object(POLICIES, policy(point, token))
     spawn(processes, token)
     agent = start_agent()
@@ -337,11 +456,13 @@ def test_metrics_and_health_endpoints(kube, mount_tmpfs, start_agent, processes)
         except urllib.error.URLError:
             return 0, ""  # not listening yet
 
-    wait_until(lambda: get("/readyz")[0] == 200, message="ready")
+    wait_until(lambda: get("/readyz")[0] == 200, message="ready", timeout=TIMEOUT)
     assert get("/healthz")[0] == 200
-    wait_until(lambda: "nodemem_tmpfs_size_bytes{" in get("/metrics")[1], message="series")
+    wait_until(
+        lambda: "nodemem_tmpfs_size_bytes{" in get("/metrics")[1], message="series", timeout=TIMEOUT
+    )
     # The metrics are set just before the report is written: wait for both.
-    wait_until(lambda: "shmem" in report(kube), message="the first report")
+    wait_until(lambda: "shmem" in report(kube), message="the first report", timeout=TIMEOUT)
     text = get("/metrics")[1]
     assert metric(text, "nodemem_tmpfs_size_bytes", path=str(point)) == 16 * MiB
     assert metric(text, "nodemem_oom_adjustments_total", rule="batch") >= 1
@@ -369,24 +490,28 @@ def test_metrics_and_health_endpoints(kube, mount_tmpfs, start_agent, processes)
     assert metric(text, "nodemem_memory_bytes", part="total") == total
 
 
-def test_an_unchanged_node_writes_no_status_between_heartbeats(kube, start_agent) -> None:
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
+def test_an_unchanged_node_writes_no_status_between_heartbeats(kube, audit, start_agent) -> None:
+    start = audit.mark()
     running = start_agent()
     state, writer = running.cluster_agent.agent.state, running.cluster_agent.writer
-    wait_until(lambda: writer.writes >= 1, message="first write")
+    wait_until(lambda: writer.writes >= 1, message="first write", timeout=TIMEOUT)
 
     def quiet_cycles(count: int) -> bool:
         """`count` resync cycles in a row without a write."""
         writes, resyncs = writer.writes, state.resyncs
-        wait_until(lambda: state.resyncs >= resyncs + count, message=f"{count} cycles")
+        wait_until(
+            lambda: state.resyncs >= resyncs + count, message=f"{count} cycles", timeout=TIMEOUT
+        )
         return writer.writes == writes
 
     # Settle: what earlier tests left behind (exiting processes, freed Shmem) is a real
     # change, written once; wait for three quiet cycles in a row.
-    wait_until(lambda: quiet_cycles(3), message="a settled node", timeout=30)
-    settled, before = kube.mark(), report(kube)
+    wait_until(lambda: quiet_cycles(3), message="a settled node", timeout=TIMEOUT)
+    settled, before = audit.mark(), report(kube)
     assert quiet_cycles(10), f"wrote again: {first_difference(before, report(kube))}"
-    assert kube.count(since=settled, resource=REPORTS, verb=("patch", "update", "create")) == 0
+    # The server saw the agent's writes before, and none of any kind since it settled.
+    assert audit.writes(since=start, user=AGENT_USER, resource=REPORTS)
+    assert audit.writes(since=settled, user=AGENT_USER) == []
 
 
 def first_difference(old: Any, new: Any, path: str = "") -> str:
@@ -400,23 +525,24 @@ def first_difference(old: Any, new: Any, path: str = "") -> str:
     return f"{path}: {str(old)[:200]} -> {str(new)[:200]}"
 
 
-def events(kube: KubeEmulator, reason: str) -> list[dict[str, Any]]:
-    return [e for e in kube.list_objects("v1/events", "default") if e.get("reason") == reason]
+def events(kube: Kube, reason: str) -> list[dict[str, Any]]:
+    return [e for e in kube.list_objects(EVENTS, namespace="default") if e.get("reason") == reason]
 
 
 def test_refusals_and_a_leak_suspicion_become_conditions_and_events(
-    kube, mount_tmpfs, start_agent
+    kube, audit, mount_tmpfs, start_agent
 ) -> None:
     point = mount_tmpfs(options="size=64m")
     (point / "data").write_bytes(b"x" * 24 * MiB)  # more than the 16Mi the policy asks
     document = policy(point, token_())
     document["spec"]["shmem"] = {"unaccountedThreshold": "1Ki"}  # any remainder is a leak
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
     kube.create_object(POLICIES, document)
+    start = audit.mark()
     running = start_agent()
     wait_until(
         lambda: [t["state"] for t in report(kube).get("tmpfs", [])] == ["Refused"],
         message="refusal reported",
+        timeout=TIMEOUT,
     )
     assert size_of(point) == 64 * MiB  # never shrunk below use
     status = report(kube)
@@ -424,16 +550,29 @@ def test_refusals_and_a_leak_suspicion_become_conditions_and_events(
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Applied"]["status"] == "False"
     assert conditions["Degraded"]["status"] == "True"
-    wait_until(lambda: len(events(kube, "TmpfsRefused")) == 1, message="refusal event")
+    wait_until(
+        lambda: len(events(kube, "TmpfsRefused")) == 1, message="refusal event", timeout=TIMEOUT
+    )
+    [refusal] = events(kube, "TmpfsRefused")
+    assert refusal["involvedObject"]["name"] == "node-a"
+    assert refusal["source"]["component"] == "nodemem-agent"
     unaccounted = status["shmem"]["unaccountedBytes"]
     if unaccounted > 1024:  # there is always some here (PID 1 is unreadable), but be exact
         assert conditions["ShmemLeakSuspected"]["status"] == "True"
-        wait_until(lambda: len(events(kube, "ShmemLeakSuspected")) == 1, message="leak event")
+        wait_until(
+            lambda: len(events(kube, "ShmemLeakSuspected")) == 1,
+            message="leak event",
+            timeout=TIMEOUT,
+        )
     # Refusals repeat every resync; the events do not (rate-limited).
     state = running.cluster_agent.agent.state
     resyncs = state.resyncs
-    wait_until(lambda: state.resyncs >= resyncs + 3, message="more cycles")
+    wait_until(lambda: state.resyncs >= resyncs + 3, message="more cycles", timeout=TIMEOUT)
     assert len(events(kube, "TmpfsRefused")) == 1
+    # Posted by the agent, and every one it posted was accepted.
+    posted = agent_event_creates(audit, start)
+    assert posted
+    assert [e.code for e in posted] == [201] * len(posted)
 
 
 def test_dry_run_policy_plans_and_changes_nothing(
@@ -443,13 +582,13 @@ def test_dry_run_policy_plans_and_changes_nothing(
     token = token_()
     document = policy(point, token)
     document["spec"]["dryRun"] = True
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
     kube.create_object(POLICIES, document)
     pid = spawn(processes, token)
     start_agent()
     wait_until(
         lambda: [t["state"] for t in report(kube).get("tmpfs", [])] == ["Planned"],
         message="planned",
+        timeout=TIMEOUT,
     )
     assert report(kube)["oom"]["planned"] == 1
     assert size_of(point) == 64 * MiB
@@ -457,11 +596,12 @@ def test_dry_run_policy_plans_and_changes_nothing(
 
 
 def test_agent_command_in_a_cluster_stops_cleanly_on_sigterm(
-    kube, kubeconfig, mount_tmpfs, tmp_path
+    kube, audit, agent_kubeconfig, mount_tmpfs, tmp_path
 ) -> None:
     point = mount_tmpfs(options="size=64m")
-    kube.create_object(NODES, {"metadata": {"name": "node-a", "labels": {"pool": "web"}}})
     kube.create_object(POLICIES, policy(point, token_()))
+    config_file = agent_kubeconfig("node-a")
+    start = audit.mark()
     agent = subprocess.Popen(
         [
             sys.executable,
@@ -469,7 +609,7 @@ def test_agent_command_in_a_cluster_stops_cleanly_on_sigterm(
             "nodemem.cli",
             "agent",
             "--kubeconfig",
-            str(kubeconfig),
+            str(config_file),
             "--state-dir",
             str(tmp_path / "state"),
             "--metrics-port",
@@ -483,7 +623,7 @@ def test_agent_command_in_a_cluster_stops_cleanly_on_sigterm(
         wait_until(
             lambda: report(kube).get("policies") == [{"name": "agent-test", "generation": 1}],
             message="report",
-            timeout=30,
+            timeout=TIMEOUT,
         )
         # In a cluster the default address is every interface of the pod (probes).
         assert listening_address(port) == "0.0.0.0"
@@ -495,3 +635,6 @@ def test_agent_command_in_a_cluster_stops_cleanly_on_sigterm(
             agent.wait()
     assert agent.stderr is not None
     assert "Traceback" not in agent.stderr.read()
+    # The command wrote as the agent's ServiceAccount, never as the admin.
+    [created] = audit.requests(since=start, verb="create", resource=REPORTS)
+    assert (created.user, created.name, created.code) == (AGENT_USER, "node-a", 201)

@@ -1,4 +1,4 @@
-"""Which states in a node's report become Kubernetes Events (the writer rate-limits them)."""
+"""Which states in a node's report become Kubernetes Events (`agent.events` rate-limits them)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from nodemem.api.status import NodeMemoryReportStatus
 from nodemem.host.paths import HostPaths
 
 
-class RecordingWriter:
+class RecordingEvents:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
 
@@ -18,9 +18,10 @@ class RecordingWriter:
 
 
 def events_for(status: NodeMemoryReportStatus) -> list[tuple[str, str]]:
-    writer = RecordingWriter()
-    Reporter(writer, AgentMetrics(), HostPaths())._post_events(status, {})  # type: ignore[arg-type]
-    return writer.events
+    recorder = RecordingEvents()
+    reporter = Reporter(None, recorder, AgentMetrics(), HostPaths())  # type: ignore[arg-type]
+    reporter._post_events(status, {})
+    return recorder.events
 
 
 def test_a_cleanup_that_could_not_do_its_work_is_an_event() -> None:

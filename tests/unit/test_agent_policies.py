@@ -1,12 +1,12 @@
-"""The agent's policy feed: what kopf events do to the policies in force, and what
-survives a restart or an API outage (the state directory)."""
+"""The agent's policy feed: what watch events and LISTs do to the policies in force, and
+what survives a restart or an API outage (the state directory)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from nodemem.agent.cluster import ClusterPolicies
+from nodemem.agent.policy_feed import ClusterPolicies
 from nodemem.agent.state_dir import StateDir
 
 
@@ -29,29 +29,29 @@ def test_events_add_change_and_delete_policies(tmp_path: Path) -> None:
     source = ClusterPolicies(StateDir(tmp_path))
     assert names(source) == []  # nothing saved, nothing seen: no policies yet
     assert names(source) is None  # unchanged since
-    source.on_event(type="ADDED", body=policy("a"), name="a")
-    source.on_event(type=None, body=policy("b"), name="b")  # kopf's initial listing
+    source.on_event("ADDED", policy("a"))
+    source.on_event("ADDED", policy("b"))
     assert names(source) == ["a", "b"]
-    source.on_event(type="MODIFIED", body=policy("a"), name="a")  # no change in content
+    source.on_event("MODIFIED", policy("a"))  # no change in content
     assert names(source) is None
-    source.on_event(type="MODIFIED", body=policy("a", "2Gi", 2), name="a")
+    source.on_event("MODIFIED", policy("a", "2Gi", 2))
     assert names(source) == ["a", "b"]
-    source.on_event(type="DELETED", body=policy("b"), name="b")
+    source.on_event("DELETED", policy("b"))
     assert names(source) == ["a"]
 
 
 def test_an_invalid_policy_is_not_applied(tmp_path: Path) -> None:
     source = ClusterPolicies(StateDir(tmp_path))
-    source.on_event(type="ADDED", body=policy("a"), name="a")
+    source.on_event("ADDED", policy("a"))
     assert names(source) == ["a"]
     broken = policy("a", size="lots")
-    source.on_event(type="MODIFIED", body=broken, name="a")
+    source.on_event("MODIFIED", broken)
     assert names(source) == []
 
 
 def test_policies_in_force_survive_a_restart(tmp_path: Path) -> None:
     first = ClusterPolicies(StateDir(tmp_path))
-    first.on_event(type="ADDED", body=policy("a", "3Gi"), name="a")
+    first.on_event("ADDED", policy("a", "3Gi"))
     assert names(first) == ["a"]  # in force, and saved
     restarted = ClusterPolicies(StateDir(tmp_path))  # the API is not reachable yet
     loaded = restarted()
@@ -60,9 +60,9 @@ def test_policies_in_force_survive_a_restart(tmp_path: Path) -> None:
 
 
 def test_a_list_drops_saved_policies_deleted_meanwhile(tmp_path: Path) -> None:
-    ClusterPolicies(StateDir(tmp_path)).on_event(type="ADDED", body=policy("gone"), name="gone")
+    ClusterPolicies(StateDir(tmp_path)).on_event("ADDED", policy("gone"))
     saver = ClusterPolicies(StateDir(tmp_path))
-    saver.on_event(type="ADDED", body=policy("gone"), name="gone")
+    saver.on_event("ADDED", policy("gone"))
     saver()  # saved
     restarted = ClusterPolicies(StateDir(tmp_path))
     assert names(restarted) == ["gone"]
@@ -103,13 +103,13 @@ def test_saved_node_labels_that_are_not_strings_are_set_aside(tmp_path: Path) ->
 
 
 def test_a_list_drops_a_policy_deleted_before_the_watch_began(tmp_path: Path) -> None:
-    # Saved, then deleted while the agent was down and before kopf's first listing:
+    # Saved, then deleted while the agent was down and before the watch began:
     # no DELETED event ever comes; the next LIST is what shows it gone.
     saver = ClusterPolicies(StateDir(tmp_path))
     saver.replace_all([policy("gone"), policy("kept")])
     saver()
     restarted = ClusterPolicies(StateDir(tmp_path))
-    restarted.on_event(type="ADDED", body=policy("kept"), name="kept")  # kopf's listing
+    restarted.on_event("ADDED", policy("kept"))
     restarted.replace_all([policy("kept")], since=restarted.events_seen())
     assert names(restarted) == ["kept"]
 
@@ -118,9 +118,9 @@ def test_a_list_answered_before_an_event_does_not_undo_it(tmp_path: Path) -> Non
     source = ClusterPolicies(StateDir(tmp_path))
     source.replace_all([policy("old"), policy("changed", size="1Gi")])
     since = source.events_seen()  # the LIST is sent now ...
-    source.on_event(type="ADDED", body=policy("new"), name="new")  # ... events arrive ...
-    source.on_event(type="DELETED", body=policy("old"), name="old")
-    source.on_event(type="MODIFIED", body=policy("changed", size="2Gi"), name="changed")
+    source.on_event("ADDED", policy("new"))  # ... events arrive ...
+    source.on_event("DELETED", policy("old"))
+    source.on_event("MODIFIED", policy("changed", size="2Gi"))
     # ... and its answer, from before them, comes last.
     source.replace_all([policy("old"), policy("changed", size="1Gi")], since=since)
     policies = source()

@@ -239,10 +239,10 @@ def test_report_json_status_condition_and_event(tmp_path: Path) -> None:
     assert "shop/cart-0" in condition.message and "2 kills seen" in condition.message
 
     writer = _Writer()
-    Reporter(writer, AgentMetrics(), HostPaths())._post_events(status, {}, {})  # type: ignore[arg-type]
+    Reporter(None, writer, AgentMetrics(), HostPaths())._post_events(status, {}, {})  # type: ignore[arg-type]
     assert [reason for reason, _ in writer.events] == ["OOMLoopRisk"]
     writer.events.clear()
-    Reporter(writer, AgentMetrics(), HostPaths())._post_events(  # type: ignore[arg-type]
+    Reporter(None, writer, AgentMetrics(), HostPaths())._post_events(  # type: ignore[arg-type]
         status, {"OOMLoopRisk": "True"}, {"OOMLoopRisk": "ShmemFillsLimit"}
     )
     assert [reason for reason, _ in writer.events] == ["OOMLoop"]  # the risk became a loop

@@ -490,8 +490,12 @@ def assert_names_existing_path(message: str, documents: list[Any]) -> None:
         message = message[prefixed.end() :]
         if message.startswith(_HEADER_MESSAGES):
             return
-    path, separator, text = message.partition(": ")
-    assert separator and text, message
+    # The path ends at the first ": " outside a quoted key (a key may itself hold ": ").
+    end = 0
+    while (token := _PATH_TOKEN.match(message, end)) is not None and token.end() > end:
+        end = token.end()
+    path, separator, text = message[:end], message[end : end + 2], message[end + 2 :]
+    assert separator == ": " and text, message
     node = document
     tokens = path_tokens(path)
     assert tokens[0] in ("spec", "metadata", "kind", "apiVersion"), message

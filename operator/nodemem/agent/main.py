@@ -1,4 +1,10 @@
-"""`nodemem agent` in a cluster: wires the loop, the API side, reporting and metrics."""
+"""`nodemem agent` in a cluster: wires the loop, the API side, reporting and metrics.
+
+The API side, one module a job, all on one client (`kubeapi.RawApi`) and, for what the
+agent follows, one list-watch loop (`listwatch.ListWatch`, a thread per feed):
+`policy_feed` (policies in), `node_feed` (its own Node and pods), `report_writer` (its
+NodeMemoryReport out), `events` (Events on that report).
+"""
 
 from __future__ import annotations
 
@@ -11,25 +17,17 @@ from pathlib import Path
 
 from kubernetes import client as k8s
 
-from nodemem.agent.cluster import (
-    GROUP,
-    POLICIES,
-    VERSION,
-    Backoff,
-    ClusterPolicies,
-    OwnNode,
-    OwnPods,
-    RawApi,
-    ReportWriter,
-    run_policy_feed,
-)
+from nodemem.agent.events import ReportEvents
+from nodemem.agent.kubeapi import RawApi
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.metrics import DEFAULT_TOP_OBJECTS, AgentMetrics, CycleMetrics, serve
+from nodemem.agent.node_feed import OwnNode, OwnPods
+from nodemem.agent.policy_feed import ClusterPolicies, policy_feed
+from nodemem.agent.report_writer import ReportWriter
 from nodemem.agent.state_dir import StateDir
 from nodemem.api.status import NodeMemoryReportStatus
 from nodemem.host.originals import AGENT_FILE, Originals
 from nodemem.host.paths import HostPaths
-from nodemem.kube import kopf_login
 from nodemem.policy.pods import PodDirectory
 from nodemem.policy.report import node_report_status
 
@@ -56,8 +54,11 @@ class Reporter:
     """After every cycle: attribute Shmem, preview the OOM, write the report if due,
     post Events for new refusals, a new leak suspicion or OOM loop risk, update the metrics."""
 
-    def __init__(self, writer: ReportWriter, metrics: AgentMetrics, paths: HostPaths) -> None:
+    def __init__(
+        self, writer: ReportWriter, events: ReportEvents, metrics: AgentMetrics, paths: HostPaths
+    ) -> None:
         self.writer = writer
+        self.events = events
         self.observer = CycleMetrics(metrics, paths)
 
     def __call__(self, agent: NodeAgent) -> None:
@@ -82,34 +83,34 @@ class Reporter:
     ) -> None:
         for item in status.tmpfs:
             if item.state in ("Refused", "Failed", "RestoreRefused"):
-                self.writer.event(f"Tmpfs{item.state}", f"{item.path}: {item.message}")
+                self.events.event(f"Tmpfs{item.state}", f"{item.path}: {item.message}")
         if status.oom is not None:
             for failure in status.oom.failures:
                 if failure.state == "Vanished":
                     continue  # the process was gone: nothing for anyone to do
-                self.writer.event(
+                self.events.event(
                     f"OomScoreAdj{failure.state}", f"rule {failure.rule}: {failure.message}"
                 )
         for cleanup in status.cleanup:
             if cleanup.state != "Completed":  # a base off tmpfs, a typo, a crossed mount
-                self.writer.event(
+                self.events.event(
                     f"Cleanup{cleanup.state}", f"rule {cleanup.name}: {cleanup.message}"
                 )
             for error in cleanup.errors[:3]:
-                self.writer.event("CleanupFailed", f"rule {cleanup.name}: {error}")
+                self.events.event("CleanupFailed", f"rule {cleanup.name}: {error}")
         leak = next((c for c in status.conditions if c.type == "ShmemLeakSuspected"), None)
         if leak is not None and leak.status == "True" and before.get(leak.type) != "True":
-            self.writer.event("ShmemLeakSuspected", leak.message)
+            self.events.event("ShmemLeakSuspected", leak.message)
         loop = next((c for c in status.conditions if c.type == "OOMLoopRisk"), None)
         # Once when a risk appears, once more when it becomes a loop (repeated kills).
         if loop is not None and loop.status == "True" and before.get(loop.type) != "True":
-            self.writer.event("OOMLoopRisk", loop.message)
+            self.events.event("OOMLoopRisk", loop.message)
         elif (
             loop is not None
             and loop.reason == "RepeatedOOMKills"
             and ((before_reasons or {}).get(loop.type) != "RepeatedOOMKills")
         ):
-            self.writer.event("OOMLoop", loop.message)
+            self.events.event("OOMLoop", loop.message)
 
 
 class ClusterAgent:
@@ -125,6 +126,7 @@ class ClusterAgent:
         self.configuration = configuration
         self.stop = stop or threading.Event()
         self.api_client = k8s.ApiClient(configuration)
+        self.api = RawApi(self.api_client)  # the one client of every feed and write
         self.metrics = AgentMetrics(options.metrics_top_objects)
         self.state_dir = StateDir(options.state_dir)
         self.policies = ClusterPolicies(self.state_dir)
@@ -133,11 +135,12 @@ class ClusterAgent:
         self.node_seen = threading.Event()
         self.pods_listed = threading.Event()
         self.writer = ReportWriter(
-            self.api_client,
+            self.api,
             options.node_name,
             heartbeat=options.heartbeat_seconds,
             metrics=self.metrics,
         )
+        self.events = ReportEvents(self.api, options.node_name, metrics=self.metrics)
         self.agent = NodeAgent(
             options.paths,
             self.policies,
@@ -147,7 +150,7 @@ class ClusterAgent:
                 poll_seconds=options.poll_seconds,
                 dry_run=options.dry_run,
             ),
-            on_cycle=Reporter(self.writer, self.metrics, options.paths),
+            on_cycle=Reporter(self.writer, self.events, self.metrics, options.paths),
             wall_clock=options.wall_clock,
             originals=Originals(options.state_dir / AGENT_FILE, options.paths),
             restore_allowed=self.restore_allowed,
@@ -159,7 +162,6 @@ class ClusterAgent:
 
     def run(self) -> None:
         options, agent, stop = self.options, self.agent, self.stop
-        core = RawApi(self.api_client)
 
         def node_labels(labels: dict[str, str]) -> None:
             agent.set_node_labels(labels)
@@ -169,23 +171,21 @@ class ClusterAgent:
             except OSError as exc:
                 log.error("cannot save node labels to %s: %s", self.state_dir.path, exc)
 
-        own_node = OwnNode(core, options.node_name, node_labels)
+        own_node = OwnNode(self.api, options.node_name, node_labels)
         self.writer.node_uid = lambda: own_node.uid
-        own_node.run(stop, self.metrics)
 
         def pods(directory: PodDirectory) -> None:
             agent.pods = directory
             self.pods_listed.set()
 
-        OwnPods(core, options.node_name, pods).run(stop, self.metrics)
-        threading.Thread(
-            target=_list_policies,
-            args=(self.api_client, self.policies, stop, self.metrics),
-            kwargs={"every": options.relist_seconds},
-            daemon=True,
-        ).start()
-        feed_stop = threading.Event()
-        feed = run_policy_feed(self.policies, kopf_login(self.configuration), feed_stop)
+        feeds = [
+            own_node.feed(self.metrics),
+            OwnPods(self.api, options.node_name, pods).feed(self.metrics),
+            policy_feed(
+                self.api, self.policies, relist_seconds=options.relist_seconds, metrics=self.metrics
+            ),
+        ]
+        threads = [feed.start(stop) for feed in feeds]
         server = None
         if options.metrics_port is not None:
             server = serve(
@@ -204,8 +204,10 @@ class ClusterAgent:
             agent.run()
         finally:
             stop.set()
-            feed_stop.set()
-            feed.join(timeout=10)
+            for feed in feeds:
+                feed.interrupt()  # an open watch ends now, not at the server's timeout
+            for thread in threads:
+                thread.join(timeout=10)
             if server is not None:
                 server.shutdown()
                 server.server_close()
@@ -220,30 +222,3 @@ def run_cluster_agent(
     cluster_agent = ClusterAgent(options, configuration, stop)
     cluster_agent.run()
     return cluster_agent.agent
-
-
-def _list_policies(
-    api_client: k8s.ApiClient,
-    policies: ClusterPolicies,
-    stop: threading.Event,
-    metrics: AgentMetrics,
-    *,
-    every: float,
-) -> None:
-    """An authoritative LIST at start (saved policies deleted during an outage go), then
-    again every `every` seconds: a policy deleted before kopf's watch began is in no
-    event, and only a LIST shows it is gone."""
-    custom = k8s.CustomObjectsApi(api_client)
-    backoff = Backoff()
-    while not stop.is_set():
-        since = policies.events_seen()
-        try:
-            listed = custom.list_cluster_custom_object(GROUP, VERSION, POLICIES)
-        except Exception as exc:
-            metrics.api_errors.labels(operation="list policies").inc()
-            log.warning("listing policies failed: %s", exc)
-            backoff.failed(stop)
-            continue
-        backoff.succeeded()
-        policies.replace_all(listed["items"] if isinstance(listed, dict) else [], since=since)
-        stop.wait(every)
