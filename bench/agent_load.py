@@ -49,9 +49,9 @@ from nodemem.agent.report_diff import meaningful_change
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cluster import (
     AGENT_USER,
-    Api,
     AuditEvent,
     Cluster,
+    Kube,
     NodeLeases,
     control_plane_lines,
     private_cluster,
@@ -176,7 +176,7 @@ def seed_api(cluster: Cluster, leases: NodeLeases, point: Path, token: str, pods
     """The Node (and its kubelet's Lease, renewed by ``leases`` from now on), the pods on
     it (Running, as their kubelet would say), the policy."""
     kube = cluster.admin
-    node = kube.create(
+    node = kube.create_object(
         NODES,
         {
             "metadata": {
@@ -190,7 +190,7 @@ def seed_api(cluster: Cluster, leases: NodeLeases, point: Path, token: str, pods
     # The ServiceAccount admission refuses pods until the controller manager made it.
     cluster.wait_for_service_account("default", "default")
     for index in range(pods):
-        kube.create(
+        kube.create_object(
             PODS,
             {
                 "metadata": {
@@ -205,14 +205,14 @@ def seed_api(cluster: Cluster, leases: NodeLeases, point: Path, token: str, pods
             },
             namespace="default",
         )
-        kube.patch(
+        kube.patch_object(
             PODS,
             f"app-{index}",
             {"status": {"phase": "Running"}},
             subresource="status",
             namespace="default",
         )
-    kube.create(POLICIES, policy(point, token))
+    kube.create_object(POLICIES, policy(point, token))
 
 
 def start_background(count: int, point: Path, token: str, seconds: int) -> list[int]:
@@ -350,14 +350,14 @@ def changed_keys(old: Any, new: Any, path: str = "") -> list[str]:
 class StatusWatcher:
     """Each new version of the report's status seen by the sampler, and what changed."""
 
-    def __init__(self, kube: Api) -> None:
+    def __init__(self, kube: Kube) -> None:
         self.kube = kube
         self.version: str | None = None
         self.status: dict[str, Any] | None = None
         self.changes: list[tuple[float, list[str]]] = []
 
     def poll(self, t: float) -> None:
-        obj = self.kube.get(REPORTS, NODE)
+        obj = self.kube.get_object(REPORTS, NODE)
         if obj is None or obj["metadata"].get("resourceVersion") == self.version:
             return
         self.version = obj["metadata"].get("resourceVersion")
@@ -471,7 +471,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     print(f"agent pid {agent.pid}: {' '.join(argv[1:])}")
 
     def enforcing() -> bool:
-        obj = kube.get(REPORTS, NODE) or {}
+        obj = kube.get_object(REPORTS, NODE) or {}
         policies = (obj.get("status") or {}).get("policies")
         st = os.statvfs(point)
         return bool(policies) and st.f_blocks * st.f_frsize == TMPFS_LIMIT_BYTES
@@ -523,8 +523,8 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         for line in log_text.splitlines()
         if " WARNING " in line or " ERROR " in line or "Traceback" in line
     ]
-    final_status = (kube.get(REPORTS, NODE) or {}).get("status") or {}
-    node_now = kube.get(NODES, NODE) or {}
+    final_status = (kube.get_object(REPORTS, NODE) or {}).get("status") or {}
+    node_now = kube.get_object(NODES, NODE) or {}
     unreachable = [
         t["effect"]
         for t in (node_now.get("spec") or {}).get("taints") or []

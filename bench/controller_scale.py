@@ -63,8 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cluster import (  # noqa: E402
     CONTROLLER_USER,
-    Api,
     Cluster,
+    Kube,
     NodeLeases,
     control_plane_lines,
     in_parallel,
@@ -506,7 +506,7 @@ def policy_object(policy: PolicyInfo) -> dict[str, Any]:
 
 
 def populate(
-    api: Api, model: Model, leases: NodeLeases | None, workers: int
+    api: Kube, model: Model, leases: NodeLeases | None, workers: int
 ) -> list[tuple[str, int, float]]:
     """Create everything over HTTPS from ``workers`` keep-alive connections (the real
     server: admission, validation against the CRDs' schemas, etcd). Returns (what, how
@@ -519,7 +519,7 @@ def populate(
         timings.append((what, count, seconds))
 
     def create_node(node: NodeState) -> None:
-        node.uid = api.create(NODES, node_object(node, ttl))["metadata"]["uid"]
+        node.uid = api.create_object(NODES, node_object(node, ttl))["metadata"]["uid"]
         if leases is not None:  # at once: the node controller's grace period is 50 s
             leases.add(node.name, node.uid)
 
@@ -530,17 +530,17 @@ def populate(
             "kind": "NodeMemoryReport",
             "metadata": {"name": node.name, "ownerReferences": [owner]},
         }
-        api.create(REPORTS, body)
+        api.create_object(REPORTS, body)
 
     def write_status(node: NodeState) -> None:
         status = report_status(node)
-        api.patch(REPORTS, node.name, {"status": status}, subresource="status")
+        api.patch_object(REPORTS, node.name, {"status": status}, subresource="status")
 
     def create_policy(policy: PolicyInfo) -> None:
-        api.create(POLICIES, policy_object(policy))
+        api.create_object(POLICIES, policy_object(policy))
         if policy.generation > 1:  # a spec change: generation 2
-            api.patch(POLICIES, policy.name, {"spec": {"priority": 10}})
-            got = api.get(POLICIES, policy.name)
+            api.patch_object(POLICIES, policy.name, {"spec": {"priority": 10}})
+            got = api.get_object(POLICIES, policy.name)
             assert got is not None and got["metadata"]["generation"] == policy.generation
 
     timed("nodes + leases" if leases else "nodes", model.nodes, create_node, workers)
@@ -708,9 +708,9 @@ def cpu_seconds(cluster: Cluster, controller: Controller) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------
 
 
-def observe_all(api: Api, model: Model) -> list[Outcome | None]:
+def observe_all(api: Kube, model: Model) -> list[Outcome | None]:
     """Every policy's status, from one list request."""
-    by_name = {obj["metadata"]["name"]: obj for obj in api.list(POLICIES)}
+    by_name = {obj["metadata"]["name"]: obj for obj in api.list_objects(POLICIES)}
     return [observed(by_name.get(p.name)) for p in model.policies]
 
 
@@ -869,7 +869,7 @@ def steady_state(
     def write(k: int, node: NodeState, status: dict[str, Any]) -> None:
         begin = time.perf_counter()
         try:
-            api.patch(REPORTS, node.name, {"status": status}, subresource="status")
+            api.patch_object(REPORTS, node.name, {"status": status}, subresource="status")
         except Exception as error:  # counted, reported; the run goes on
             failures.append(f"{node.name}: {error}")
         when = time.monotonic()
@@ -921,7 +921,7 @@ def steady_state(
         time.sleep(0.02)
     memory = proc_memory(controller.process.pid)
     status_writes = audit.requests(
-        since=mark, user=CONTROLLER_USER, verbs=["patch"], resource=POLICIES
+        since=mark, user=CONTROLLER_USER, verb=["patch"], resource=POLICIES
     )
     return {
         "changes": len(changes),
@@ -977,10 +977,10 @@ def settle(
     return time.monotonic() - started, writes
 
 
-def node_health(api: Api) -> Counter[str]:
+def node_health(api: Kube) -> Counter[str]:
     """Nodes by Ready condition, and how many the node controller tainted unreachable."""
     health: Counter[str] = Counter()
-    for node in api.list(NODES):
+    for node in api.list_objects(NODES):
         ready = next(
             (c["status"] for c in node["status"].get("conditions", []) if c["type"] == "Ready"),
             "none",
@@ -1117,13 +1117,13 @@ def main(argv: list[str] | None = None) -> int:
                 uptime = time.monotonic() - controller.started
             finally:
                 stop_process(controller.process)
-            deletes = cluster.audit.requests(since=mark, verbs=["delete"], resource=REPORTS)
+            deletes = cluster.audit.requests(since=mark, verb=["delete"], resource=REPORTS)
             requests = controller_requests(cluster, mark)
             by_user = cluster.audit.per_user(since=mark)
             node_patches = Counter(
                 e.user
                 for e in cluster.audit.requests(
-                    since=mark, verbs=["patch", "update"], resource=NODES
+                    since=mark, verb=["patch", "update"], resource=NODES
                 )
             )
             health = node_health(cluster.admin)

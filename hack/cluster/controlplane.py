@@ -240,6 +240,15 @@ class ControlPlane:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"kube-apiserver not ready:\n{self._tail('kube-apiserver')}")
             time.sleep(0.1)
+        # kube-controller-manager exits when the API goes away while it is still starting
+        # its controllers ("Error building controllers"); a kubelet would restart its
+        # static pod, so the harness does: one that was started and is gone starts again.
+        manager = self.pids.get("kube-controller-manager")
+        if manager is not None and not (
+            _alive(manager) and self._is_ours(manager, "kube-controller-manager")
+        ):
+            _reap(manager)
+            self._start("kube-controller-manager", self._controller_manager_args())
 
     def etcd_revision(self) -> int:
         """etcd's current revision (the header of a range read, through its JSON gateway)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realkube import ApiError, AuditLog, Kube, wait_until
+from restclient import ApiError, AuditLog, Kube, wait_until
 
 from conftest import AGENT_USER, POLICIES, REPORTS
 from nodemem.agent.main import ClusterAgent, ClusterAgentOptions
@@ -193,10 +193,20 @@ def test_policy_enforced_reported_updated_and_never_written(
         message="report lists the policy",
         timeout=TIMEOUT,
     )
-    obj = kube.get_object(REPORTS, "node-a")
-    assert obj is not None
+    # Owned by the Node once the agent's Node watch has answered, which may come after
+    # its first write (report_writer.py).
     node_uid = kube.get_object(NODES, "node-a")["metadata"]["uid"]
-    assert obj["metadata"]["ownerReferences"][0]["uid"] == node_uid
+    wait_until(
+        lambda: (
+            [
+                o["uid"]
+                for o in kube.get_object(REPORTS, "node-a")["metadata"].get("ownerReferences", [])
+            ]
+            == [node_uid]
+        ),
+        message="the report owned by the Node",
+        timeout=TIMEOUT,
+    )
     status = report(kube)
     # Applied by the first resync, Unchanged from the next one on (a rewrite ~0.3 s later).
     [(path, state)] = [(t["path"], t["state"]) for t in status["tmpfs"]]

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from controlplane import ControlPlane
 from kubernetes import client as k8s
-from realkube import ApiError, AuditLog, Kube, wait_until
+from restclient import ApiError, AuditLog, Kube, wait_until
 
 from conftest import AGENT_USER, POLICIES, REPORTS
 from nodemem.agent.kubeapi import Backoff, RawApi

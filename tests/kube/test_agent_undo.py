@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import test_agent_cluster as cluster
-from realkube import AuditLog, Kube, wait_until
+from restclient import AuditLog, Kube, wait_until
 from test_agent_cluster import NODES, TIMEOUT, MiB, adj, policy, size_of, spawn, token_
 
 from conftest import AGENT_USER, POLICIES

@@ -8,13 +8,16 @@ pinned release.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 from controlplane import KUBE_VERSION, ControlPlane, _alive
+from restclient import wait_until
 
 from conftest import ROOT
 
@@ -97,3 +100,28 @@ def test_pinned_release_is_the_one_go_mod_requires() -> None:
     staging = KUBE_VERSION.replace("v1.", "v0.", 1)
     replaced = [line for line in go_mod.splitlines() if "=>" in line]
     assert replaced and all(line.rstrip().endswith(staging) for line in replaced)
+
+
+def test_restarted_apiserver_brings_back_a_controller_manager_that_exited(
+    tmp_path: Path,
+) -> None:
+    # kube-controller-manager exits for good when the API goes away while it is still
+    # building its controllers (seen when a test stopped kube-apiserver seconds after
+    # the session's start: the garbage collector never ran again). Its exit is made
+    # certain here by ending it during the outage.
+    plane = ControlPlane(tmp_path / "cluster")
+    try:
+        plane.up()
+        first = plane.pids["kube-controller-manager"]
+        plane.stop_apiserver()
+        os.kill(first, signal.SIGKILL)  # our own child, by its pid
+        wait_until(lambda: not _alive(first), timeout=10, message="the manager's exit")
+
+        plane.start_apiserver()
+        second = plane.pids["kube-controller-manager"]
+        assert second != first
+        assert _alive(second)
+        assert ControlPlane(tmp_path / "cluster").pids["kube-controller-manager"] == second
+    finally:
+        plane.down()
+    assert not _alive(second)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
-from realkube import AuditLog, Kube, wait_until
+from restclient import AuditEvent, AuditLog, Kube, wait_until
 
 from conftest import CONTROLLER_USER, kubectl
 from nodemem.controller.operator import Controller, ControllerSettings, run_in_thread
@@ -229,6 +229,16 @@ def test_kubectl_get_nmp_shows_the_rollup_in_its_columns(
     assert rows[0].split()[:6] == ["shm", "0", "3", "1", "1", str(2 * GiB)]
 
 
+def logged_report_writes(audit: AuditLog, since: int) -> list[AuditEvent]:
+    """The writes to reports since ``since``, once the delete just seen is logged."""
+    wait_until(
+        lambda: audit.writes(since=since, resource=REPORTS),
+        timeout=TIMEOUT,
+        message="the report's deletion in the audit log",
+    )
+    return audit.writes(since=since, resource=REPORTS)
+
+
 def test_controller_deletes_the_unowned_report_of_a_deleted_node(
     kube, audit, cluster, controller
 ) -> None:
@@ -243,7 +253,7 @@ def test_controller_deletes_the_unowned_report_of_a_deleted_node(
     wait_until(
         lambda: kube.get_object(REPORTS, "web-1") is None, timeout=TIMEOUT, message="report deleted"
     )
-    deletes = audit.writes(since=mark, resource=REPORTS)
+    deletes = logged_report_writes(audit, mark)
     assert [(d.user, d.verb, d.name, d.code) for d in deletes] == [
         (CONTROLLER_USER, "delete", "web-1", 200)
     ]
@@ -270,7 +280,7 @@ def test_controller_collects_a_report_whose_node_went_unseen_after_the_grace(
         message="the orphan report collected in a quiet cluster",
     )
     assert time.monotonic() - started >= grace  # not before the grace: at start streams fill
-    deletes = audit.writes(since=mark, resource=REPORTS)
+    deletes = logged_report_writes(audit, mark)
     assert [(d.user, d.verb, d.name, d.code) for d in deletes] == [
         (CONTROLLER_USER, "delete", "web-1", 200)
     ]
@@ -294,7 +304,7 @@ def test_garbage_collector_deletes_a_node_owned_report_with_its_node(kube, audit
         timeout=120,  # the collector's monitors pick up new kinds at a 30 s discovery resync
         message="report collected",
     )
-    deletes = audit.writes(since=mark, resource=REPORTS)
+    deletes = logged_report_writes(audit, mark)
     assert [(d.user, d.verb, d.name) for d in deletes] == [(GC_USER, "delete", "web-1")]
     assert kube.get_object(REPORTS, "web-2") is not None
 

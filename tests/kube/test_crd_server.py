@@ -22,7 +22,7 @@ import yaml
 from controlplane import ControlPlane
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from realkube import ApiError, Kube, resource_path
+from restclient import ApiError, Kube, resource_path
 
 from conftest import POLICIES, REPORTS, ROOT, kubectl
 from nodemem.api.crd import POLICY_CRD_FILE, REPORT_CRD_FILE, policy_crd, report_crd

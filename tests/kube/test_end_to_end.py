@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from controlplane import ControlPlane, free_port
-from realkube import AuditLog, Kube, wait_until
+from restclient import AuditLog, Kube, wait_until
 
 from conftest import AGENT_USER, POLICIES, REPORTS
 

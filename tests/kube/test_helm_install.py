@@ -28,7 +28,7 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
-from realkube import ApiError, Kube, resource_path, wait_until
+from restclient import ApiError, Kube, resource_path, wait_until
 
 from conftest import POLICIES, REPORTS, ROOT, ensure_node
 

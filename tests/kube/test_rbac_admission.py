@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from realkube import ApiError, Kube, resource_path, wait_until
+from restclient import ApiError, Kube, resource_path, wait_until
 
 from conftest import (
     AGENT_SA,

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
-from realkube import ApiError, AuditLog, Kube, resource_path, wait_until
+from restclient import ApiError, AuditLog, Kube, resource_path, wait_until
 
 from conftest import (
     AGENT_SA,

@@ -1,6 +1,11 @@
 """The report out: this node's NodeMemoryReport, created if missing (owned by the Node),
 its status patched on a meaningful change or at the heartbeat. API errors are counted
 and retried at the next cycle; enforcement never waits for the API.
+
+The owner reference is what lets the cluster's garbage collector delete the report
+with its Node. The agent's first cycle may write before its Node watch has answered (a
+busy API server, an outage at start): the report is then created without an owner, and
+the owner is added at the first cycle after the Node's uid is known.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class ReportWriter:
         self.last_written: dict[str, Any] | None = None
         self.last_time = 0.0
         self.exists = False
+        self.owned = False  # the report, as created or found, names the Node as its owner
         self.writes = 0
         self.previous_conditions: list[Condition] = []
 
@@ -59,6 +65,8 @@ class ReportWriter:
     def write(self, status: NodeMemoryReportStatus) -> bool:
         """Write if due; False when skipped or when the API refused (retried next cycle)."""
         body = status.model_dump(by_alias=True, exclude_none=True)
+        if self.exists and not self.owned:
+            self._claim_for_node()
         if not self.due(body):
             return False
         try:
@@ -86,6 +94,9 @@ class ReportWriter:
         self.writes += 1
         return True
 
+    def _owner_references(self, uid: str) -> list[dict[str, str]]:
+        return [{"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}]
+
     def _create(self) -> None:
         body: dict[str, Any] = {
             "apiVersion": f"{GROUP}/{VERSION}",
@@ -94,12 +105,34 @@ class ReportWriter:
         }
         uid = self.node_uid()
         if uid:
-            body["metadata"]["ownerReferences"] = [
-                {"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}
-            ]
+            body["metadata"]["ownerReferences"] = self._owner_references(uid)
         try:
             self.api.json("POST", REPORTS_PATH, body=body)
         except RawApiError as exc:
             if exc.status != 409:  # 409: it exists already, which is what we want
                 raise
+            uid = None  # an existing report: its owner is unknown, claimed next
         self.exists = True
+        self.owned = bool(uid)
+
+    def _claim_for_node(self) -> None:
+        """Name the Node as the report's owner, once its uid is known."""
+        uid = self.node_uid()
+        if not uid:
+            return
+        try:
+            self.api.json(
+                "PATCH",
+                f"{REPORTS_PATH}/{self.node}",
+                body={"metadata": {"ownerReferences": self._owner_references(uid)}},
+                content_type="application/merge-patch+json",
+            )
+        except RawApiError as exc:
+            if exc.status == 404:
+                self.exists = False
+            count_api_error(self.metrics, "own report", exc)
+            return
+        except Exception as exc:  # the API is away: again next cycle
+            count_api_error(self.metrics, "own report", exc)
+            return
+        self.owned = True
