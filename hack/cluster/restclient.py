@@ -237,6 +237,7 @@ class AuditEvent:
     uri: str
     audit_id: str = ""
     received: float = 0.0  # requestReceivedTimestamp, seconds since the epoch
+    completed: float = 0.0  # stageTimestamp: when this stage was reached
 
     @property
     def plural(self) -> str:
@@ -293,6 +294,7 @@ class AuditLog:
                     uri=raw.get("requestURI", ""),
                     audit_id=raw.get("auditID", ""),
                     received=_epoch(raw.get("requestReceivedTimestamp")),
+                    completed=_epoch(raw.get("stageTimestamp")),
                 )
             )
         return events

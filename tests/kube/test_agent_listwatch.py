@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -54,28 +54,21 @@ def agent_requests(
 ) -> list[Request]:
     """The agent's requests to `path` after `since`, in the order the server got them
     (a watch is logged at ResponseStarted when it opens, at ResponseComplete when it ends)."""
-    with open(plane.audit_log, "rb") as log:
-        log.seek(since)
-        data = log.read()
     found = []
-    for line in data.splitlines():
-        try:
-            raw = json.loads(line)
-        except ValueError:
-            continue  # the last line may still be being written
-        if raw.get("stage") != stage or raw.get("user", {}).get("username") != AGENT_USER:
+    for event in AuditLog(plane.audit_log).events(since):
+        if event.stage != stage or event.user != AGENT_USER:
             continue
-        uri = urllib.parse.urlsplit(raw["requestURI"])
+        uri = urllib.parse.urlsplit(event.uri)
         if uri.path != path:
             continue
         found.append(
             Request(
-                verb=raw["verb"],
+                verb=event.verb,
                 path=uri.path,
                 query={k: v[-1] for k, v in urllib.parse.parse_qs(uri.query).items()},
-                code=(raw.get("responseStatus") or {}).get("code"),
-                received=datetime.fromisoformat(raw["requestReceivedTimestamp"]),
-                done=datetime.fromisoformat(raw["stageTimestamp"]),
+                code=event.code,
+                received=datetime.fromtimestamp(event.received, UTC),
+                done=datetime.fromtimestamp(event.completed, UTC),
             )
         )
     return sorted(found, key=lambda r: r.received)

@@ -81,45 +81,24 @@ class Call:
         return int(values[0]) if values and values[0] else None
 
 
-def _stamp(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def calls(audit: AuditLog, *, since: int, user: str, resource: str, verb: str) -> list[Call]:
     """The completed `verb` requests of `user` on `resource` ("v1/pods") after `since`."""
-    with open(audit.path, "rb") as log:
-        log.seek(since)
-        data = log.read()
-    found = []
-    for index, line in enumerate(data.splitlines()):
-        try:
-            raw = json.loads(line)
-        except ValueError:
-            continue  # the last line may still be being written
-        ref = raw.get("objectRef") or {}
-        group, version = ref.get("apiGroup"), ref.get("apiVersion", "")
-        plural = ref.get("resource", "")
-        name = f"{group}/{version}/{plural}" if group else f"{version}/{plural}"
-        if (
-            raw.get("stage") != "ResponseComplete"
-            or raw.get("verb") != verb
-            or raw.get("user", {}).get("username") != user
-            or name != resource
-            or ref.get("subresource")
-        ):
-            continue
-        received = _stamp(raw["requestReceivedTimestamp"])
-        found.append(
-            Call(
-                index=index,
-                verb=verb,
-                uri=raw.get("requestURI", ""),
-                code=(raw.get("responseStatus") or {}).get("code"),
-                received=received,
-                seconds=(_stamp(raw["stageTimestamp"]) - received).total_seconds(),
-            )
+    return [
+        Call(
+            index=index,
+            verb=verb,
+            uri=event.uri,
+            code=event.code,
+            received=datetime.fromtimestamp(event.received, UTC),
+            seconds=event.completed - event.received,
         )
-    return found
+        for index, event in enumerate(audit.events(since))
+        if event.stage == "ResponseComplete"
+        and event.verb == verb
+        and event.user == user
+        and event.resource == resource
+        and not event.subresource
+    ]
 
 
 def watch_answer(plane: Any, resource: str, version: int) -> tuple[str, int | None, str]:
