@@ -26,6 +26,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -142,6 +143,8 @@ class ControlPlane:
     bin_dir: Path = BIN
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    # Process changes (start, stop, revive) come from tests' threads and a supervisor.
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()
@@ -218,8 +221,9 @@ class ControlPlane:
 
     def down(self) -> None:
         """Stop every process this state names and delete the data; idempotent."""
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
-            self._stop(name)
+        with self._lock:
+            for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+                self._stop(name)
         self.pids = {}
         shutil.rmtree(self.data, ignore_errors=True)
         if self._state.exists():
@@ -227,8 +231,9 @@ class ControlPlane:
 
     def stop_apiserver(self) -> None:
         """An API outage: kube-apiserver stopped; etcd and its data stay."""
-        self._stop("kube-apiserver")
-        self._save()
+        with self._lock:
+            self._stop("kube-apiserver")
+            self._save()
 
     def start_apiserver(self, timeout: float = 60.0) -> None:
         """Start (or restart after ``stop_apiserver``) kube-apiserver on the same port."""
@@ -240,15 +245,23 @@ class ControlPlane:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"kube-apiserver not ready:\n{self._tail('kube-apiserver')}")
             time.sleep(0.1)
-        # kube-controller-manager exits when the API goes away while it is still starting
-        # its controllers ("Error building controllers"); a kubelet would restart its
-        # static pod, so the harness does: one that was started and is gone starts again.
-        manager = self.pids.get("kube-controller-manager")
-        if manager is not None and not (
-            _alive(manager) and self._is_ours(manager, "kube-controller-manager")
-        ):
+        self.revive_controller_manager()
+
+    def revive_controller_manager(self) -> bool:
+        """Start again a kube-controller-manager that was started and has exited; True
+        when it did. It exits for good when the API goes away while it is still starting
+        its controllers ("Error building controllers"), possibly a moment after the API
+        is back; a kubelet would restart its static pod, and so does the harness (here,
+        and from the tests' supervisor thread)."""
+        with self._lock:
+            manager = self.pids.get("kube-controller-manager")
+            if manager is None or (
+                _alive(manager) and self._is_ours(manager, "kube-controller-manager")
+            ):
+                return False
             _reap(manager)
             self._start("kube-controller-manager", self._controller_manager_args())
+            return True
 
     def etcd_revision(self) -> int:
         """etcd's current revision (the header of a range read, through its JSON gateway)."""

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,11 +51,22 @@ from restclient import ApiError, AuditLog, Kube, resource_path, wait_until  # no
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
+    done = threading.Event()
+
+    def supervise() -> None:  # as a kubelet keeps a static pod running
+        while not done.wait(0.5):
+            plane.revive_controller_manager()
+
+    supervisor = threading.Thread(target=supervise, name="control-plane-supervisor")
     try:
         plane.up()
+        supervisor.start()
         install_nodemem(plane)
         yield plane
     finally:
+        done.set()
+        if supervisor.is_alive():
+            supervisor.join()
         plane.down()
 
 
