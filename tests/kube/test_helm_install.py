@@ -230,7 +230,12 @@ def test_install_upgrade_uninstall(helm_config: helm.Config, kube: Kube) -> None
     ]
 
     # The Deployment's pods exist (kube-controller-manager made them) but never run.
-    wait_until(lambda: release_pods(kube), timeout=30, interval=0.2, message="the controller's pod")
+    # A kube-controller-manager revived after an API restart starts its deployment and
+    # replicaset controllers only once its informers synced, which back off while the
+    # restarted server's RBAC is still warming up (seen: over 30 s).
+    wait_until(
+        lambda: release_pods(kube), timeout=120, interval=0.2, message="the controller's pod"
+    )
 
     helm_config.uninstall(RELEASE, wait=WAIT, timeout=TIMEOUT)
 
