@@ -30,6 +30,7 @@ from nodemem.agent.policy_file import PolicyFile
 from nodemem.cli import main
 from nodemem.host.paths import HostPaths
 from nodemem.host.remount import reconfigure_tmpfs
+from nodemem.policy import apply as apply_module
 from nodemem.policy.pods import load_pods_file
 
 pytestmark = pytest.mark.privileged
@@ -364,3 +365,56 @@ def test_agent_sizes_a_pod_started_later_at_its_first_process(
     events_done()
     assert size_of(ml.sandbox) == 64 * MiB
     assert size_of(web.sandbox) == 64 * MiB  # never selected
+
+
+def test_a_pod_reached_through_a_process_that_exits_meanwhile_is_looked_at_again(
+    node: Node, monkeypatch
+) -> None:
+    """The exec path reaches a pod's /dev/shm through the process that exec'ed, often a
+    runtime's short-lived helper. When it exits between the look and the remount, the
+    apply finds the path gone: the namespace is not marked as handled, and the next
+    process's exec sizes it. (The race, made certain: the helper is ended in the remount.)
+    """
+    ml = node.pod("ml", "cri-o")
+    assert ml.sandbox is not None
+    path = node.tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy("256Mi")))
+    agent = NodeAgent(
+        HostPaths(),
+        PolicyFile(path),
+        pods=load_pods_file(node.pods_file().read_text()),
+        settings=AgentSettings(use_proc_connector=False),
+    )
+    assert agent._refresh_policy()
+    agent.resync()  # no process yet: NotFound
+    assert agent.state.effective is not None
+    items = [item for item in agent.state.effective.tmpfs if item.item.pod_shm]
+
+    staying = node.container(ml)
+    helper = node._in_cgroup(
+        ml.cgroup(ml.layout.cgroup, secrets.token_hex(32)),
+        ["nsenter", "--mount", "--target", str(staying), "sleep", "1000"],
+    )
+    namespace = os.stat(f"/proc/{staying}/ns/mnt").st_ino
+    wait_for(lambda: os.stat(f"/proc/{helper.pid}/ns/mnt").st_ino == namespace)
+
+    real_apply_limit = apply_module.apply_limit
+
+    def helper_exits_first(*args: Any, **kwargs: Any) -> Any:
+        helper.kill()
+        helper.wait()
+        return real_apply_limit(*args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "apply_limit", helper_exits_first)
+    agent._size_pod_shm(helper.pid, items)
+    assert agent.state.last_apply is not None
+    [row] = agent.state.last_apply.tmpfs
+    assert (row.pod, row.result.state) == ("jobs/ml", "NotFound")
+    assert "is gone" in row.result.message
+    assert size_of(ml.sandbox) == 64 * MiB
+
+    monkeypatch.setattr(apply_module, "apply_limit", real_apply_limit)
+    agent._size_pod_shm(staying, items)
+    assert size_of(ml.sandbox) == 256 * MiB
+    [row] = agent.state.last_apply.tmpfs
+    assert (row.pod, row.result.state) == ("jobs/ml", "Applied")

@@ -31,7 +31,7 @@ from nodemem.host.proc_connector import (
 )
 from nodemem.host.procfs import ProcessGone, ProcessUnreadable, list_pids, start_time
 from nodemem.host.shmem import scan_node
-from nodemem.host.tmpfs_limits import host_namespace_pid
+from nodemem.host.tmpfs_limits import LimitState, host_namespace_pid
 from nodemem.policy.apply import (
     ApplyResult,
     CleanupOutcome,
@@ -260,7 +260,7 @@ class NodeAgent:
         )
         self._shm_done.clear()
         self._shm_namespaces.clear()
-        self._note_pod_shm(pod_shm)
+        self._note_pod_shm(pod_shm, result.tmpfs)
         full = self.state.resyncs % max(1, self.settings.full_oom_rescan_every) == 0
         result.oom = self._apply_oom_everywhere(full=full)
         if (
@@ -311,7 +311,7 @@ class NodeAgent:
             originals=self._recording(),
             pod_shm=shm,
         )
-        self._note_pod_shm(shm)
+        self._note_pod_shm(shm, outcomes)
         rows = [outcome for outcome in outcomes if outcome.pod is not None]
         for outcome in rows:
             log.info(
@@ -326,11 +326,23 @@ class NodeAgent:
             self.state.last_apply.tmpfs = _merge_pod_rows(self.state.last_apply.tmpfs, rows)
             self._cycle_done()
 
-    def _note_pod_shm(self, shm: PodShmTargets) -> None:
-        """Remember the pods' /dev/shm an apply handled, so that exec events skip them."""
+    def _note_pod_shm(self, shm: PodShmTargets, outcomes: Sequence[TmpfsOutcome]) -> None:
+        """Remember the pods' /dev/shm an apply handled, so that exec events skip them.
+
+        Not one the apply found gone (NotFound at a target): the process it was reached
+        through exited meanwhile (often the runtime's short-lived `mount` helper), or the
+        mount changed; the next exec in that namespace looks again.
+        """
+        gone = {
+            (outcome.target.namespace_pid, outcome.target.mount_point)
+            for outcome in outcomes
+            if outcome.target is not None and outcome.result.state is LimitState.NOT_FOUND
+        }
         for entry in shm.looked_at:
             if not entry.settled or entry.dev is None:
                 continue  # looked at again at the next exec in that namespace
+            if (entry.target.namespace_pid, entry.target.mount_point) in gone:
+                continue
             key = (entry.pod_uid, entry.dev)
             if entry in shm.selected_any or key in self._shm_done:
                 self._shm_done.add(key)
