@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: run test lint unit bench install clean crds tools docs guest cluster-build cluster-up cluster-down
+.PHONY: run test lint unit bench install clean crds tools docs guest cluster-build cluster-up cluster-down node-up node-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,18 @@ cluster-up:
 	$(PYTHON) hack/cluster/controlplane.py up
 
 cluster-down:
+	$(PYTHON) hack/node/node.py down
 	$(PYTHON) hack/cluster/controlplane.py down
+
+# This machine as a real Node of that control plane (hack/node/, docs/testing.md):
+# containerd (built from its module), kubelet, kube-proxy and kube-scheduler (the control
+# plane's pin), Debian's runc and CNI plugins, the images built here (no registry).
+# node-down stops them and removes their containers, mounts, cgroups and network.
+node-up: cluster-up
+	$(PYTHON) hack/node/node.py up
+
+node-down:
+	$(PYTHON) hack/node/node.py down
 
 run: $(STAMP)
 	$(VENV)/bin/nodemem report

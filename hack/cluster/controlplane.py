@@ -45,6 +45,10 @@ COMMANDS = {
     "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
     "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
     "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+    # The node (hack/node): the same release.
+    "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+    "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+    "kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy",
 }
 # Client certificates the harness issues: the admin (system:masters) and the controller
 # manager's own identity, which the built-in RBAC roles name.
@@ -66,51 +70,76 @@ def _ldflags() -> str:
     return " ".join(flags)
 
 
-def _build_key() -> str:
-    digest = hashlib.sha256(_ldflags().encode())
-    for path in sorted(HERE.rglob("*")):
+def go_build(
+    module: Path,
+    bin_dir: Path,
+    groups: dict[tuple[str, ...], dict[str, str]],
+    *,
+    ldflags: str,
+    stamp: str,
+    label: str,
+    quiet: bool = False,
+) -> bool:
+    """Build Go commands (per group of build tags: name -> package) of the module in
+    ``module`` into ``bin_dir``, unless the ``stamp`` file there holds the key of the
+    module's sources, the flags and the commands; True when it built. Shared with
+    hack/node/build.py."""
+    digest = hashlib.sha256(ldflags.encode())
+    digest.update(repr(sorted(groups.items())).encode())
+    for path in sorted(module.rglob("*")):
         if path.suffix in {".go", ".mod", ".sum"} and path.is_file():
-            digest.update(str(path.relative_to(HERE)).encode())
+            digest.update(str(path.relative_to(module)).encode())
             digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def build(bin_dir: Path = BIN, *, quiet: bool = False) -> bool:
-    """Build every command into ``bin_dir`` unless the stamp says it is current."""
-    stamp = bin_dir / ".build-key"
-    key = _build_key()
+    key = digest.hexdigest()
+    names = [name for commands in groups.values() for name in commands]
+    stamp_file = bin_dir / stamp
     if (
-        stamp.is_file()
-        and stamp.read_text() == key
-        and all((bin_dir / name).is_file() for name in COMMANDS)
+        stamp_file.is_file()
+        and stamp_file.read_text() == key
+        and all((bin_dir / name).is_file() for name in names)
     ):
         return False
     go = shutil.which("go")
     if go is None:
-        raise SystemExit("go is not on PATH: the control plane is built from Go modules")
+        raise SystemExit(f"go is not on PATH: {label} is built from Go modules")
     bin_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if not quiet:
-        print(f"building the control plane ({KUBE_VERSION}) into {bin_dir}", file=sys.stderr)
+        print(f"building {label} into {bin_dir}", file=sys.stderr)
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false -mod=mod"}
-    subprocess.run(
-        [
-            go,
-            "build",
-            "-trimpath",
-            f"-ldflags={_ldflags()}",
-            "-o",
-            f"{bin_dir}/",
-            *COMMANDS.values(),
-        ],
-        cwd=HERE,
-        env=env,
-        check=True,
-    )
-    stamp.write_text(key)
+    for tags, commands in groups.items():
+        subprocess.run(
+            [
+                go,
+                "build",
+                "-trimpath",
+                *([f"-tags={','.join(tags)}"] if tags else []),
+                f"-ldflags={ldflags}",
+                "-o",
+                f"{bin_dir}/",
+                *commands.values(),
+            ],
+            cwd=module,
+            env=env,
+            check=True,
+        )
+    stamp_file.write_text(key)
     if not quiet:
         print(f"built in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return True
+
+
+def build(bin_dir: Path = BIN, *, quiet: bool = False) -> bool:
+    """Build every command into ``bin_dir`` unless the stamp says it is current."""
+    return go_build(
+        HERE,
+        bin_dir,
+        {(): COMMANDS},
+        ldflags=_ldflags(),
+        stamp=".build-key",
+        label=f"the control plane and node ({KUBE_VERSION})",
+        quiet=quiet,
+    )
 
 
 def free_port() -> int:
@@ -120,7 +149,20 @@ def free_port() -> int:
         return port
 
 
-def _alive(pid: int) -> bool:
+def node_address() -> str | None:
+    """This machine's address on its default route, where a node's pods reach the API
+    (through the `kubernetes` Service); None without such a route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 9))  # UDP: picks the route, sends nothing
+        except OSError:
+            return None
+        address: str = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie of ours counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -143,6 +185,9 @@ class ControlPlane:
     bin_dir: Path = BIN
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    # Where pods reach kube-apiserver (the `kubernetes` Service's endpoint); None: only
+    # on 127.0.0.1, and a node's pods cannot reach it.
+    address: str | None = None
     # Process changes (start, stop, revive) come from tests' threads and a supervisor.
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
@@ -187,17 +232,19 @@ class ControlPlane:
             return
         self.ports = {k: int(v) for k, v in state.get("ports", {}).items()}
         self.pids = {k: int(v) for k, v in state.get("pids", {}).items()}
+        self.address = state.get("address")
 
     def _save(self) -> None:
         tmp = self._state.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ports": self.ports, "pids": self.pids}, indent=1))
+        state = {"ports": self.ports, "pids": self.pids, "address": self.address}
+        tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self._state)
 
     # --- lifecycle --------------------------------------------------------------------
 
     def running(self) -> bool:
         names = ("etcd", "kube-apiserver", "kube-controller-manager")
-        return all(name in self.pids and _alive(self.pids[name]) for name in names) and self.ready()
+        return all(name in self.pids and alive(self.pids[name]) for name in names) and self.ready()
 
     def up(self, timeout: float = 60.0) -> bool:
         """Start everything unless it already runs; False when it already did."""
@@ -209,6 +256,7 @@ class ControlPlane:
             directory.mkdir(parents=True, exist_ok=True)
         self._issue_certificates()
         self.ports = {"etcd": free_port(), "etcd-peer": free_port(), "apiserver": free_port()}
+        self.address = node_address()
         self.pids = {}
         self._save()
         deadline = time.monotonic() + timeout
@@ -240,7 +288,7 @@ class ControlPlane:
         self._start("kube-apiserver", self._apiserver_args())
         deadline = time.monotonic() + timeout
         while not self.ready():
-            if not _alive(self.pids["kube-apiserver"]):
+            if not alive(self.pids["kube-apiserver"]):
                 raise RuntimeError(f"kube-apiserver exited:\n{self._tail('kube-apiserver')}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"kube-apiserver not ready:\n{self._tail('kube-apiserver')}")
@@ -256,10 +304,10 @@ class ControlPlane:
         with self._lock:
             manager = self.pids.get("kube-controller-manager")
             if manager is None or (
-                _alive(manager) and self._is_ours(manager, "kube-controller-manager")
+                alive(manager) and self._is_ours(manager, "kube-controller-manager")
             ):
                 return False
-            _reap(manager)
+            reap(manager)
             self._start("kube-controller-manager", self._controller_manager_args())
             return True
 
@@ -320,19 +368,19 @@ class ControlPlane:
 
     def _stop(self, name: str, timeout: float = 15.0) -> None:
         pid = self.pids.pop(name, None)
-        if pid is None or not _alive(pid) or not self._is_ours(pid, name):
+        if pid is None or not alive(pid) or not self._is_ours(pid, name):
             return
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            _reap(pid)
+        while alive(pid) and time.monotonic() < deadline:
+            reap(pid)
             time.sleep(0.05)
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
-                _reap(pid)
+            while alive(pid):
+                reap(pid)
                 time.sleep(0.05)
-        _reap(pid)
+        reap(pid)
 
     def _is_ours(self, pid: int, name: str) -> bool:
         """The pid still runs our binary (a recycled pid is left alone)."""
@@ -358,7 +406,7 @@ class ControlPlane:
                         return
             except (OSError, urllib.error.URLError):
                 pass
-            if not _alive(self.pids["etcd"]):
+            if not alive(self.pids["etcd"]):
                 raise RuntimeError(f"etcd exited:\n{self._tail('etcd')}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"etcd not healthy:\n{self._tail('etcd')}")
@@ -381,12 +429,17 @@ class ControlPlane:
 
     def _apiserver_args(self) -> list[str]:
         pki = self.pki
+        if self.address is None:
+            # No kubernetes Service endpoints: a loopback address may not be published.
+            listen = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"]
+            listen.append("--endpoint-reconciler-type=none")
+        else:
+            # Clients use 127.0.0.1; a node's pods reach the `kubernetes` Service (10.0.0.1,
+            # in the serving certificate), which kube-proxy sends to this address.
+            listen = ["--bind-address=0.0.0.0", f"--advertise-address={self.address}"]
         return [
             f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            # No kubernetes Service endpoints: a loopback address may not be published.
-            "--endpoint-reconciler-type=none",
+            *listen,
             f"--secure-port={self.ports['apiserver']}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -497,7 +550,7 @@ class ControlPlane:
             path.chmod(0o600)
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):  # not our child: its parent reaps it
         os.waitpid(pid, os.WNOHANG)
 

@@ -38,13 +38,15 @@ def wait_until(
     *,
     timeout: float = 20.0,
     interval: float = 0.02,
-    message: str = "the condition",
+    message: str | Callable[[], str] = "the condition",
 ) -> None:
-    """Poll until ``predicate()`` is true, or fail with AssertionError after ``timeout`` s."""
+    """Poll until ``predicate()`` is true, or fail with AssertionError after ``timeout`` s
+    (``message`` may be a function: what it says then, e.g. the state reached)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {message}")
+            said = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {said}")
         time.sleep(interval)
 
 

@@ -231,6 +231,15 @@ def test_agent_extra_capabilities_are_added_after_the_four() -> None:
     assert capabilities == {"drop": ["ALL"], "add": [*AGENT_CAPABILITIES, "NET_ADMIN"]}
 
 
+def test_agent_without_sys_resource_for_nodes_that_cannot_grant_it() -> None:
+    rendered = render({"agent": {"omitCapabilities": ["SYS_RESOURCE"]}})
+    capabilities = agent_container(rendered)["securityContext"]["capabilities"]
+    assert capabilities == {
+        "drop": ["ALL"],
+        "add": ["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", *DEFAULT_EXTRA_CAPABILITIES],
+    }
+
+
 def test_agent_localhost_seccomp_and_apparmor_profiles_are_passed_through() -> None:
     security = agent_container(render(VARIANTS["localhost-seccomp"]))["securityContext"]
     assert security["seccompProfile"] == {
@@ -663,6 +672,10 @@ INVALID_VALUES: dict[str, tuple[Obj, str]] = {
         {"agent": {"extraCapabilities": ["SYS_MODULE"]}},
         "at '/agent/extraCapabilities/0': value must be one of 'DAC_OVERRIDE', 'FOWNER', "
         "'NET_ADMIN'",
+    ),
+    "omitting a capability the agent cannot do without": (
+        {"agent": {"omitCapabilities": ["SYS_ADMIN"]}},
+        "at '/agent/omitCapabilities/0': value must be 'SYS_RESOURCE'",
     ),
     "localhost seccomp without a profile": (
         {"agent": {"seccompProfile": {"type": "Localhost"}}},

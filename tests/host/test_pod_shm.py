@@ -28,6 +28,7 @@ import yaml
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.policy_file import PolicyFile
 from nodemem.cli import main
+from nodemem.host import pod_shm as pod_shm_module
 from nodemem.host.paths import HostPaths
 from nodemem.host.remount import reconfigure_tmpfs
 from nodemem.policy import apply as apply_module
@@ -418,3 +419,32 @@ def test_a_pod_reached_through_a_process_that_exits_meanwhile_is_looked_at_again
     assert size_of(ml.sandbox) == 256 * MiB
     [row] = agent.state.last_apply.tmpfs
     assert (row.pod, row.result.state) == ("jobs/ml", "Applied")
+
+
+def test_pods_are_sized_when_the_hosts_mount_namespace_cannot_be_read(
+    node: Node, capsys, monkeypatch
+) -> None:
+    """Some hosts refuse even root /proc/1/ns (a VM sandbox's init: seen on the real
+    node tier's machine). Pods' /dev/shm are still found and sized; one that shows the
+    node's own /dev/shm is still told by its superblock and left alone."""
+    ml = node.pod("ml", "containerd")
+    node.container(ml)
+    host_ipc = node.pod("ml-host-ipc", "containerd", labels={"app": "ml"})
+    node.container(host_ipc, shm=None)
+    real_mount_namespace = pod_shm_module.mount_namespace
+
+    def host_refuses(paths: HostPaths, pid: int | None) -> int:
+        if pid is None:  # the host root's namespace (HostPaths(): ours)
+            raise PermissionError(13, "Permission denied", "/proc/1/ns/mnt")
+        return real_mount_namespace(paths, pid)
+
+    monkeypatch.setattr(pod_shm_module, "mount_namespace", host_refuses)
+    before = size_of(Path("/dev/shm"))
+    assert run_apply(node, policy("256Mi"), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted((t["pod"], t["state"]) for t in report["tmpfs"]) == [
+        ("jobs/ml", "Applied"),
+        ("jobs/ml-host-ipc", "NotFound"),
+    ]
+    assert ml.sandbox is not None and size_of(ml.sandbox) == 256 * MiB
+    assert size_of(Path("/dev/shm")) == before

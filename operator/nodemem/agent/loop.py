@@ -22,7 +22,7 @@ from nodemem.host.identity import read_pod_cgroup
 from nodemem.host.meminfo import read_meminfo
 from nodemem.host.originals import Originals
 from nodemem.host.paths import HostPaths
-from nodemem.host.pod_shm import mount_namespace
+from nodemem.host.pod_shm import host_mount_namespace, mount_namespace
 from nodemem.host.proc_connector import (
     EventType,
     LostEvents,
@@ -31,7 +31,7 @@ from nodemem.host.proc_connector import (
 )
 from nodemem.host.procfs import ProcessGone, ProcessUnreadable, list_pids, start_time
 from nodemem.host.shmem import scan_node
-from nodemem.host.tmpfs_limits import LimitState, host_namespace_pid
+from nodemem.host.tmpfs_limits import LimitState
 from nodemem.policy.apply import (
     ApplyResult,
     CleanupOutcome,
@@ -294,9 +294,9 @@ class NodeAgent:
             if uid is None or pod is None:
                 return
             namespace = mount_namespace(self.paths, pid)
-            host = mount_namespace(self.paths, host_namespace_pid(self.paths))
         except (ProcessGone, ProcessUnreadable, OSError):
             return
+        host = host_mount_namespace(self.paths)
         # The host's namespace: a runtime's helper (runc init, conmon), not a container yet.
         if namespace == host or (uid, namespace) in self._shm_namespaces:
             return

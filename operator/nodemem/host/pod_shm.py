@@ -78,6 +78,16 @@ def mount_namespace(paths: HostPaths, pid: int | None) -> int:
     return os.stat(paths.proc("self" if pid is None else pid, "ns", "mnt")).st_ino
 
 
+def host_mount_namespace(paths: HostPaths) -> int | None:
+    """Inode of the host root's mount namespace; None when it cannot be read (a PID 1
+    that refuses even root, as on some VM sandboxes). Processes are then not passed
+    over by namespace: the node's /dev/shm is still told by its superblock."""
+    try:
+        return mount_namespace(paths, host_namespace_pid(paths))
+    except OSError:
+        return None
+
+
 def find_pod_shm(paths: HostPaths, pods: Mapping[str, Collection[int]]) -> list[PodShm]:
     """The /dev/shm superblocks of `pods` (UID -> pids, as pod_processes gives them).
 
@@ -85,9 +95,8 @@ def find_pod_shm(paths: HostPaths, pods: Mapping[str, Collection[int]]) -> list[
     the sandbox tmpfs); a process in the host's mount namespace is not a container and
     is passed over. Sorted by pod UID, then pid.
     """
-    host_pid = host_namespace_pid(paths)
-    host_mounts = namespace_mounts(paths, host_pid)
-    host_namespace = mount_namespace(paths, host_pid)
+    host_mounts = namespace_mounts(paths, host_namespace_pid(paths))
+    host_namespace = host_mount_namespace(paths)
     node_shm = top_mount_at(host_mounts, DEV_SHM)
     volumes = _volumes_by_dev(host_mounts)
     found: list[PodShm] = []

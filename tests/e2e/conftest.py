@@ -1,0 +1,68 @@
+"""Fixtures for the end-to-end tier: this machine as a real Node (hack/node/node.py).
+
+- ``plane`` (session): a control plane of its own (hack/cluster/controlplane.py), so that
+  the Kubernetes tier's outages and clean-ups never reach this node.
+- ``node`` (session): containerd, kubelet, kube-proxy and kube-scheduler from upstream,
+  the images built here and imported (nothing pulled); removed at the end, containers,
+  mounts, cgroups, network and iptables chains included.
+- ``kube``: the admin's :class:`restclient.Kube`; ``kubectl(*args)`` runs the real
+  kubectl as the admin and returns its output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "hack" / "node")]
+from controlplane import ControlPlane  # noqa: E402
+from node import Node  # noqa: E402
+from restclient import Kube  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    plane = ControlPlane(tmp_path_factory.mktemp("e2e-plane"))
+    try:
+        plane.up()
+        yield plane
+    finally:
+        plane.down()
+
+
+@pytest.fixture(scope="session")
+def node(plane: ControlPlane) -> Iterator[Node]:
+    node = Node(plane)
+    try:
+        node.up()
+        yield node
+    finally:
+        node.down()
+
+
+@pytest.fixture(scope="session")
+def kube(plane: ControlPlane, node: Node) -> Kube:
+    return Kube(plane.url, plane.ssl_context())
+
+
+@pytest.fixture(scope="session")
+def kubectl(plane: ControlPlane, node: Node) -> Callable[..., str]:
+    def run(*args: str, check: bool = True, stdin: str | None = None) -> str:
+        result = subprocess.run(
+            [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
+        return result.stdout + (result.stderr if not check else "")
+
+    return run

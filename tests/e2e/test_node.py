@@ -1,0 +1,330 @@
+"""The chart on a real node, as users run it: `helm install`, pods Running and Ready,
+`kubectl apply` of policies, real pods' /dev/shm and processes changed by the agent in
+its pod, the report and the policy status as `kubectl get` shows them.
+
+Only pods this tier starts are selected: the policies name their namespaces and labels,
+so nothing else on this machine is touched (the examples' host-wide items are not
+applied here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+from controlplane import ControlPlane
+from node import Node, lacks_sys_resource
+from restclient import ApiError, Kube, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "nodemem"
+EXAMPLES = ROOT / "examples"
+RELEASE = "nodemem"
+NAMESPACE = "nodemem-system"
+AGENT = f"{RELEASE}-agent"
+POLICIES = "nodemem.dev/v1alpha1/nodememorypolicies"
+REPORTS = "nodemem.dev/v1alpha1/nodememoryreports"
+IMAGE = "docker.io/library/nodemem:0.1.0"  # Debian with coreutils: `sleep` for test pods
+POD_TIMEOUT = 180.0
+
+pytestmark = pytest.mark.privileged
+
+
+def chart_values(node: Node) -> dict[str, Any]:
+    """The chart's defaults, securityContext unchanged, but where this machine differs:
+    the agent's state on the host below the node's directory (not /var/lib/nodemem), and
+    SYS_RESOURCE not asked for where the machine cannot grant it (the pod would never
+    start: runc "unable to apply caps")."""
+    agent: dict[str, Any] = {"stateDir": str(node.root / "agent-state")}
+    if lacks_sys_resource():
+        agent["omitCapabilities"] = ["SYS_RESOURCE"]
+    return {"agent": agent}
+
+
+def pods(kube: Kube, namespace: str, selector: str) -> list[dict[str, Any]]:
+    return kube.list_objects("v1/pods", namespace=namespace, labelSelector=selector)
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def describe_pods(kube: Kube, namespace: str) -> str:
+    return json.dumps(
+        [
+            (p["metadata"]["name"], p.get("status", {}).get("containerStatuses"))
+            for p in kube.list_objects("v1/pods", namespace=namespace)
+        ],
+        indent=1,
+    )
+
+
+def wait_ready(kube: Kube, namespace: str, selector: str, count: int = 1) -> list[dict[str, Any]]:
+    wait_until(
+        lambda: len([p for p in pods(kube, namespace, selector) if ready(p)]) == count,
+        timeout=POD_TIMEOUT,
+        interval=0.5,
+        message=lambda: f"{count} pod(s) {selector} Ready: {describe_pods(kube, namespace)}",
+    )
+    return pods(kube, namespace, selector)
+
+
+@pytest.fixture(scope="module")
+def release(
+    node: Node, plane: Any, kube: Kube, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    kubeconfig = tmp_path_factory.mktemp("helm") / "admin.kubeconfig"
+    kubeconfig.write_text(plane.kubeconfig_for("admin"))
+    config = helm.Config(kubeconfig_path=kubeconfig, namespace=NAMESPACE)
+    try:
+        installed = config.install(
+            str(CHART),
+            RELEASE,
+            chart_values(node),
+            namespace=NAMESPACE,
+            create_namespace=True,
+            wait="hookOnly",
+            timeout=120,
+        )
+        yield installed
+    finally:
+        try:
+            config.uninstall(RELEASE, ignore_not_found=True, wait="hookOnly", timeout=120)
+        finally:
+            config.close()
+
+
+def run_pod(
+    kube: Kube,
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    resources: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A pod of the project image that sleeps; Ready when its process runs."""
+    if kube.get_object("v1/namespaces", namespace) is None:
+        kube.create_object("v1/namespaces", {"metadata": {"name": namespace}})
+    kube.create_object(
+        "v1/pods",
+        {
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["sleep", "infinity"],
+                        "resources": resources or {},
+                    }
+                ],
+            },
+        },
+        namespace=namespace,
+    )
+    (pod,) = wait_ready(kube, namespace, ",".join(f"{k}={v}" for k, v in labels.items()))
+    return pod
+
+
+def container_pid(node: Node, pod: dict[str, Any]) -> int:
+    """The host pid of the pod's container's first process (containerd's task list)."""
+    (status,) = pod["status"]["containerStatuses"]
+    container_id = status["containerID"].removeprefix("containerd://")
+    for line in node.ctr("tasks", "list").splitlines()[1:]:
+        task, pid, *_ = line.split()
+        if task == container_id:
+            return int(pid)
+    raise AssertionError(f"no task for container {container_id}")
+
+
+def report(kube: Kube, node: Node) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = kube.get_object(REPORTS, node.name)
+    return found
+
+
+def test_helm_install_runs_the_agent_and_the_controller_ready(
+    release: dict[str, Any], kube: Kube, node: Node, kubectl: Callable[..., str]
+) -> None:
+    assert release["status"] == "deployed"
+    (agent,) = wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
+    (controller,) = wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=controller")
+    assert agent["spec"]["nodeName"] == node.name
+    assert controller["spec"]["nodeName"] == node.name
+    # The agent's container is what the chart asks for: not privileged, root, caps listed.
+    security = agent["spec"]["containers"][0]["securityContext"]
+    assert security["privileged"] is False
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    pid = container_pid(node, agent)
+    status = Path(f"/proc/{pid}/status").read_text()
+    effective = int(
+        next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16
+    )
+    wanted = {
+        21: "SYS_ADMIN",
+        19: "SYS_PTRACE",
+        2: "DAC_READ_SEARCH",
+        1: "DAC_OVERRIDE",
+        3: "FOWNER",
+    }
+    if not lacks_sys_resource():
+        wanted[24] = "SYS_RESOURCE"
+    assert effective == sum(1 << bit for bit in wanted), f"CapEff {effective:#x}"
+    seccomp = next(line for line in status.splitlines() if line.startswith("Seccomp:"))
+    assert seccomp.split()[1] == "2"  # filter mode: the runtime's default profile
+    # The agent writes its node's report once it has seen its policies, Node and pods.
+    wait_until(
+        lambda: report(kube, node) is not None,
+        timeout=120,
+        interval=0.5,
+        message="the agent's NodeMemoryReport",
+    )
+    out = kubectl("get", "nmr")
+    assert node.name in out
+
+
+def test_a_pods_dev_shm_is_sized_by_the_example_policy(
+    release: dict[str, Any], kube: Kube, node: Node, kubectl: Callable[..., str]
+) -> None:
+    wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
+    kubectl("apply", "-f", str(EXAMPLES / "pod-dev-shm.yaml"))
+    try:
+        pod = run_pod(kube, "ml", "trainer", {"shm": "large"})
+        pid = container_pid(node, pod)
+        shm = f"/proc/{pid}/root/dev/shm"
+
+        def size() -> int:
+            stat = os.statvfs(shm)
+            return stat.f_blocks * stat.f_frsize
+
+        wait_until(
+            lambda: size() == 2 << 30,
+            timeout=60,
+            interval=0.2,
+            message=lambda: f"the pod's /dev/shm at 2Gi (now {size()})",
+        )
+
+        def row() -> dict[str, Any] | None:
+            found = report(kube, node)
+            rows = (found or {}).get("status", {}).get("tmpfs", [])
+            return next((r for r in rows if r.get("pod") == "ml/trainer"), None)
+
+        wait_until(
+            lambda: (row() or {}).get("state") in ("Applied", "Unchanged"),
+            timeout=120,
+            interval=0.5,
+            message=lambda: f"the report's row for ml/trainer: {row()}",
+        )
+        out = kubectl("get", "nmp", "ml-pod-shm")
+        assert "ml-pod-shm" in out
+    finally:
+        kubectl(
+            "delete", "-f", str(EXAMPLES / "pod-dev-shm.yaml"), "--ignore-not-found", "--wait=false"
+        )
+        kubectl("delete", "namespace", "ml", "--ignore-not-found", "--wait=false")
+
+
+def agent_token(node: Node, kube: Kube) -> str:
+    """The token the kubelet projected into the agent's pod (its volume on the host)."""
+    (agent,) = wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
+    volumes = node.kubelet_root / "pods" / agent["metadata"]["uid"] / "volumes"
+    (token,) = volumes.glob("kubernetes.io~projected/kube-api-access-*/token")
+    return token.read_text()
+
+
+def test_the_agents_projected_token_writes_only_its_own_nodes_report(
+    release: dict[str, Any], kube: Kube, node: Node, plane: Any
+) -> None:
+    context = ssl.create_default_context(cafile=str(plane.pki / "ca.crt"))
+    as_agent = Kube(plane.url, context, token=agent_token(node, kube))
+    wait_until(
+        lambda: report(kube, node) is not None,
+        timeout=120,
+        interval=0.5,
+        message="the agent's NodeMemoryReport",
+    )
+    assert as_agent.get_object(REPORTS, node.name) is not None
+    other = {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryReport",
+        "metadata": {"name": "another-node"},
+    }
+    with pytest.raises(ApiError) as refused:
+        as_agent.create_object(REPORTS, other)
+    assert refused.value.status == 403
+    assert (
+        f"the nodemem agent of node {node.name} may only write the NodeMemoryReport named "
+        f"{node.name}, not another-node"
+    ) in refused.value.message
+    policy = {
+        "apiVersion": "nodemem.dev/v1alpha1",
+        "kind": "NodeMemoryPolicy",
+        "metadata": {"name": "from-the-agent"},
+        "spec": {},
+    }
+    with pytest.raises(ApiError) as forbidden:
+        as_agent.create_object(POLICIES, policy)
+    assert forbidden.value.status == 403
+    assert 'cannot create resource "nodememorypolicies"' in forbidden.value.message
+
+
+def oom_policy(namespace: str, value: int) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "nodemem.dev/v1alpha1",
+            "kind": "NodeMemoryPolicy",
+            "metadata": {"name": f"{namespace}-oom"},
+            "spec": {
+                "oom": [
+                    {
+                        "name": "batch-first",
+                        "match": {
+                            "namespace": namespace,
+                            "labelSelector": {"matchLabels": {"tier": "batch"}},
+                        },
+                        "oomScoreAdj": value,
+                    }
+                ]
+            },
+        }
+    )
+
+
+def oom_score_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+def test_an_oom_rule_gives_a_real_containers_process_its_value(
+    release: dict[str, Any], kube: Kube, node: Node, kubectl: Callable[..., str]
+) -> None:
+    wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
+    kubectl("apply", "-f", "-", stdin=oom_policy("e2e-batch", 900))
+    try:
+        # Burstable: the kubelet gives it 1000 - 1000 * request / capacity at creation.
+        pod = run_pod(kube, "e2e-batch", "job", {"tier": "batch"}, {"requests": {"memory": "64Mi"}})
+        pid = container_pid(node, pod)
+        wait_until(
+            lambda: oom_score_adj(pid) == 900,
+            timeout=90,
+            interval=0.2,
+            message=lambda: f"oom_score_adj 900 (now {oom_score_adj(pid)})",
+        )
+        out = kubectl("describe", "nmp", "e2e-batch-oom")
+        assert "e2e-batch-oom" in out
+    finally:
+        kubectl("delete", "nmp", "e2e-batch-oom", "--ignore-not-found", "--wait=false")
+        kubectl("delete", "namespace", "e2e-batch", "--ignore-not-found", "--wait=false")
+
+
+def test_a_second_node_on_this_machine_is_refused(node: Node, tmp_path: Path) -> None:
+    other = Node(ControlPlane(tmp_path / "other-plane"))
+    with pytest.raises(SystemExit, match="another node runs on this machine"):
+        other.up()
