@@ -231,6 +231,13 @@ def test_agent_extra_capabilities_are_added_after_the_four() -> None:
     assert capabilities == {"drop": ["ALL"], "add": [*AGENT_CAPABILITIES, "NET_ADMIN"]}
 
 
+def test_agent_in_the_nodes_network_namespace_resolves_cluster_names_still() -> None:
+    pod = agent_pod(render({"agent": {"hostNetwork": True}}))
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert "dnsPolicy" not in agent_pod(render())
+
+
 def test_agent_without_sys_resource_for_nodes_that_cannot_grant_it() -> None:
     rendered = render({"agent": {"omitCapabilities": ["SYS_RESOURCE"]}})
     capabilities = agent_container(rendered)["securityContext"]["capabilities"]

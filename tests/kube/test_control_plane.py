@@ -16,7 +16,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from controlplane import KUBE_VERSION, ControlPlane, _alive
+from controlplane import KUBE_VERSION, ControlPlane, alive
 from restclient import wait_until
 
 from conftest import ROOT
@@ -71,7 +71,7 @@ def test_up_is_idempotent_and_down_removes_everything(tmp_path: Path) -> None:
     finally:
         down = cli("down", "--dir", str(root))
     assert down.returncode == 0, down.stderr
-    assert not any(_alive(pid) for pid in pids.values())
+    assert not any(alive(pid) for pid in pids.values())
     assert not (root / "data").exists()
     assert cli("status", "--dir", str(root)).returncode == 1
     # A second down is a no-op too.
@@ -115,13 +115,13 @@ def test_restarted_apiserver_brings_back_a_controller_manager_that_exited(
         first = plane.pids["kube-controller-manager"]
         plane.stop_apiserver()
         os.kill(first, signal.SIGKILL)  # our own child, by its pid
-        wait_until(lambda: not _alive(first), timeout=10, message="the manager's exit")
+        wait_until(lambda: not alive(first), timeout=10, message="the manager's exit")
 
         plane.start_apiserver()
         second = plane.pids["kube-controller-manager"]
         assert second != first
-        assert _alive(second)
+        assert alive(second)
         assert ControlPlane(tmp_path / "cluster").pids["kube-controller-manager"] == second
     finally:
         plane.down()
-    assert not _alive(second)
+    assert not alive(second)
