@@ -86,7 +86,10 @@ def go_build(
     hack/node/build.py."""
     digest = hashlib.sha256(ldflags.encode())
     digest.update(repr(sorted(groups.items())).encode())
+    nested = {m.parent for m in module.rglob("go.mod") if m.parent != module}  # not ours
     for path in sorted(module.rglob("*")):
+        if nested.intersection(path.parents):
+            continue
         if path.suffix in {".go", ".mod", ".sum"} and path.is_file():
             digest.update(str(path.relative_to(module)).encode())
             digest.update(path.read_bytes())

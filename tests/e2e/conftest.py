@@ -1,10 +1,11 @@
 """Fixtures for the end-to-end tier: this machine as a real Node (hack/node/node.py).
 
-- ``plane`` (session): a control plane of its own (hack/cluster/controlplane.py), so that
+- ``plane`` (module): a control plane of its own (hack/cluster/controlplane.py), so that
   the Kubernetes tier's outages and clean-ups never reach this node.
-- ``node`` (session): containerd, kubelet, kube-proxy and kube-scheduler from upstream,
+- ``node`` (module): containerd, kubelet, kube-proxy and kube-scheduler from upstream,
   the images built here and imported (nothing pulled); removed at the end, containers,
-  mounts, cgroups, network and iptables chains included.
+  mounts, cgroups, network and iptables chains included. Module scope: the node is gone
+  before the next tier's tests, which must not meet a kubelet and an agent pod.
 - ``kube``: the admin's :class:`restclient.Kube`; ``kubectl(*args)`` runs the real
   kubectl as the admin and returns its output.
 """
@@ -25,7 +26,7 @@ from node import Node  # noqa: E402
 from restclient import Kube  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("e2e-plane"))
     try:
@@ -35,7 +36,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         plane.down()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def node(plane: ControlPlane) -> Iterator[Node]:
     node = Node(plane)
     try:
@@ -45,12 +46,12 @@ def node(plane: ControlPlane) -> Iterator[Node]:
         node.down()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kube(plane: ControlPlane, node: Node) -> Kube:
     return Kube(plane.url, plane.ssl_context())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kubectl(plane: ControlPlane, node: Node) -> Callable[..., str]:
     def run(*args: str, check: bool = True, stdin: str | None = None) -> str:
         result = subprocess.run(

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ import yaml
 from controlplane import ControlPlane
 from node import Node, lacks_sys_resource
 from restclient import ApiError, Kube, wait_until
+
+from nodemem.host.proc_connector import EventType, ProcConnector, ProcEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "nodemem"
@@ -77,10 +82,26 @@ def wait_ready(kube: Kube, namespace: str, selector: str, count: int = 1) -> lis
     return pods(kube, namespace, selector)
 
 
+@dataclass
+class Release:
+    """The chart installed by Helm's engine; `upgrade` changes its values."""
+
+    node: Node
+    config: helm.Config
+    info: dict[str, Any]
+
+    def upgrade(self, **agent: Any) -> None:
+        values = chart_values(self.node)
+        values["agent"].update(agent)
+        self.info = self.config.upgrade(
+            str(CHART), RELEASE, values, namespace=NAMESPACE, wait="hookOnly", timeout=120
+        )
+
+
 @pytest.fixture(scope="module")
 def release(
     node: Node, plane: Any, kube: Kube, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Release]:
     kubeconfig = tmp_path_factory.mktemp("helm") / "admin.kubeconfig"
     kubeconfig.write_text(plane.kubeconfig_for("admin"))
     config = helm.Config(kubeconfig_path=kubeconfig, namespace=NAMESPACE)
@@ -94,7 +115,7 @@ def release(
             wait="hookOnly",
             timeout=120,
         )
-        yield installed
+        yield Release(node, config, installed)
     finally:
         try:
             config.uninstall(RELEASE, ignore_not_found=True, wait="hookOnly", timeout=120)
@@ -152,9 +173,9 @@ def report(kube: Kube, node: Node) -> dict[str, Any] | None:
 
 
 def test_helm_install_runs_the_agent_and_the_controller_ready(
-    release: dict[str, Any], kube: Kube, node: Node, kubectl: Callable[..., str]
+    release: Release, kube: Kube, node: Node, kubectl: Callable[..., str]
 ) -> None:
-    assert release["status"] == "deployed"
+    assert release.info["status"] == "deployed"
     (agent,) = wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
     (controller,) = wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=controller")
     assert agent["spec"]["nodeName"] == node.name
@@ -192,7 +213,7 @@ def test_helm_install_runs_the_agent_and_the_controller_ready(
 
 
 def test_a_pods_dev_shm_is_sized_by_the_example_policy(
-    release: dict[str, Any], kube: Kube, node: Node, kubectl: Callable[..., str]
+    release: Release, kube: Kube, node: Node, kubectl: Callable[..., str]
 ) -> None:
     wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
     kubectl("apply", "-f", str(EXAMPLES / "pod-dev-shm.yaml"))
@@ -241,7 +262,7 @@ def agent_token(node: Node, kube: Kube) -> str:
 
 
 def test_the_agents_projected_token_writes_only_its_own_nodes_report(
-    release: dict[str, Any], kube: Kube, node: Node, plane: Any
+    release: Release, kube: Kube, node: Node, plane: Any
 ) -> None:
     context = ssl.create_default_context(cafile=str(plane.pki / "ca.crt"))
     as_agent = Kube(plane.url, context, token=agent_token(node, kube))
@@ -302,8 +323,18 @@ def oom_score_adj(pid: int) -> int:
     return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
 
 
+def wait_oom_score_adj(pid: int, value: int, timeout: float = 90) -> None:
+    """Until the agent gave `pid` the rule's `value` (at most a resync away)."""
+    wait_until(
+        lambda: oom_score_adj(pid) == value,
+        timeout=timeout,
+        interval=0.2,
+        message=lambda: f"oom_score_adj {value} (now {oom_score_adj(pid)})",
+    )
+
+
 def test_an_oom_rule_gives_a_real_containers_process_its_value(
-    release: dict[str, Any], kube: Kube, node: Node, kubectl: Callable[..., str]
+    release: Release, kube: Kube, node: Node, kubectl: Callable[..., str]
 ) -> None:
     wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
     kubectl("apply", "-f", "-", stdin=oom_policy("e2e-batch", 900))
@@ -311,12 +342,7 @@ def test_an_oom_rule_gives_a_real_containers_process_its_value(
         # Burstable: the kubelet gives it 1000 - 1000 * request / capacity at creation.
         pod = run_pod(kube, "e2e-batch", "job", {"tier": "batch"}, {"requests": {"memory": "64Mi"}})
         pid = container_pid(node, pod)
-        wait_until(
-            lambda: oom_score_adj(pid) == 900,
-            timeout=90,
-            interval=0.2,
-            message=lambda: f"oom_score_adj 900 (now {oom_score_adj(pid)})",
-        )
+        wait_oom_score_adj(pid, 900)
         out = kubectl("describe", "nmp", "e2e-batch-oom")
         assert "e2e-batch-oom" in out
     finally:
@@ -328,3 +354,81 @@ def test_a_second_node_on_this_machine_is_refused(node: Node, tmp_path: Path) ->
     other = Node(ControlPlane(tmp_path / "other-plane"))
     with pytest.raises(SystemExit, match="another node runs on this machine"):
         other.up()
+
+
+def restart_window(node: Node, pod: dict[str, Any], value: int) -> tuple[int, float]:
+    """Kill the pod's container; the kubelet starts it again. For the new container's
+    process: the oom_score_adj first read after its exec (the kubelet's, unless the
+    agent was faster) and the seconds from its exec until it holds `value`."""
+    cgroup_part = f"pod{pod['metadata']['uid']}/"
+    with ProcConnector() as events:
+        os.kill(container_pid(node, pod), signal.SIGKILL)  # our pod's process
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            events.wait(0.5)
+            for event in events.read_events():
+                if not isinstance(event, ProcEvent) or event.what is not EventType.EXEC:
+                    continue
+                try:
+                    comm = Path(f"/proc/{event.tgid}/comm").read_text().strip()
+                    cgroup = Path(f"/proc/{event.tgid}/cgroup").read_text()
+                    first = oom_score_adj(event.tgid)
+                except OSError:
+                    continue
+                if comm != "sleep" or cgroup_part not in cgroup:
+                    continue
+                while oom_score_adj(event.tgid) != value:
+                    assert time.monotonic() < deadline, "the agent never set the rule's value"
+                    time.sleep(0.001)
+                return first, (time.monotonic_ns() - event.timestamp_ns) / 1e9
+    raise AssertionError("the restarted container's exec was not seen")
+
+
+def test_who_wins_on_a_container_restart(
+    release: Release, kube: Kube, node: Node, kubectl: Callable[..., str]
+) -> None:
+    """The kubelet gives each new container the oom_score_adj of its QoS class; the
+    agent's rule replaces it at the next resync (in the pod's network namespace, the
+    default: no proc connector) or at exec (hostNetwork and NET_ADMIN: the proc
+    connector)."""
+    kubectl("apply", "-f", "-", stdin=oom_policy("e2e-restart", 900))
+    results: dict[str, tuple[int, float]] = {}
+    try:
+        for mode, host_network in (("pod network", False), ("hostNetwork+NET_ADMIN", True)):
+            if host_network:
+                release.upgrade(
+                    hostNetwork=True,
+                    metricsPort=18080,
+                    # 6.18.44 here refuses the proc connector without it.
+                    extraCapabilities=["DAC_OVERRIDE", "FOWNER", "NET_ADMIN"],
+                )
+                wait_until(
+                    lambda: all(
+                        p["spec"].get("hostNetwork") and ready(p)
+                        for p in pods(kube, NAMESPACE, "app.kubernetes.io/component=agent")
+                    ),
+                    timeout=POD_TIMEOUT,
+                    interval=0.5,
+                    message="the agent's pod in the node's network namespace",
+                )
+            else:
+                wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
+            pod = run_pod(
+                kube,
+                "e2e-restart",
+                f"job-{len(results)}",
+                {"tier": "batch", "run": str(len(results))},
+                {"requests": {"memory": "64Mi"}},
+            )
+            wait_oom_score_adj(container_pid(node, pod), 900)
+            results[mode] = restart_window(node, pod, 900)
+    finally:
+        release.upgrade()
+        kubectl("delete", "nmp", "e2e-restart-oom", "--ignore-not-found", "--wait=false")
+        kubectl("delete", "namespace", "e2e-restart", "--ignore-not-found", "--wait=false")
+    print(f"\nrestart window: {json.dumps(results)}")
+    first, window = results["pod network"]
+    assert first != 900  # the kubelet's Burstable value stood first
+    assert window <= 30 + 5  # until the next resync (the chart's resyncSeconds)
+    _, window = results["hostNetwork+NET_ADMIN"]
+    assert window < 1.0  # the exec event

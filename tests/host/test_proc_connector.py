@@ -8,6 +8,7 @@ import os
 import select
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -197,3 +198,35 @@ def test_asyncio_add_reader() -> None:
 
     event = asyncio.run(exec_of_a_child())
     assert event.what is EventType.EXEC
+
+
+def _subscribe_in(*wrapper: str) -> str:
+    """Subscribe in a child started through `wrapper`; what it says."""
+    code = (
+        "from nodemem.host.proc_connector import ProcConnector, ProcConnectorUnavailable\n"
+        "try:\n    ProcConnector().subscribe(); print('subscribed')\n"
+        "except ProcConnectorUnavailable as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run(
+        [*wrapper, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_outside_the_nodes_network_namespace_the_refusal_says_hostnetwork() -> None:
+    # A pod's own network namespace: the kernel has no proc connector there.
+    said = _subscribe_in("unshare", "--net")
+    assert "Connection refused" in said
+    assert "only in the node's network namespace: hostNetwork" in said
+
+
+def test_without_cap_net_admin_the_refusal_names_the_capability() -> None:
+    said = _subscribe_in("setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin")
+    if said != "subscribed":  # kernels differ: 6.18.44 here refuses, others allow
+        assert "Operation not permitted" in said
+        assert "needs CAP_NET_ADMIN" in said

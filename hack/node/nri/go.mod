@@ -1,6 +1,6 @@
 module nodemem.local/hack/node/nri
 
-go 1.26.8
+go 1.24.0
 
 require github.com/containerd/nri v0.12.3
 

@@ -83,6 +83,9 @@ func (f *ruleFile) current() ([]rule, error) {
 	defer f.mu.Unlock()
 	info, err := os.Stat(f.path)
 	if err != nil {
+		if f.err == nil || f.err.Error() != err.Error() {
+			log.Printf("rules: %v; adjusting nothing until it is fixed", err)
+		}
 		f.mtime, f.size, f.rules, f.err = time.Time{}, -1, nil, err
 		return nil, err
 	}
@@ -136,7 +139,7 @@ func main() {
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 
 	p := &plugin{rules: &ruleFile{path: *rulesPath, size: -1}}
-	p.rules.current() // log the initial state of the rules
+	p.rules.current() // logs the initial state of the rules
 	s, err := stub.New(p,
 		stub.WithSocketPath(*socket),
 		stub.WithPluginName(*name),

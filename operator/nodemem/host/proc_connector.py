@@ -160,6 +160,14 @@ def _decode_message(body: bytes) -> ProcEvent | ProcAck | None:
     )
 
 
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ECONNREFUSED:  # no connector in this network namespace
+        return "the kernel serves it only in the node's network namespace: hostNetwork"
+    if exc.errno == errno.EPERM:
+        return "needs CAP_NET_ADMIN: before 6.6, and on some later kernels (6.18.44 measured)"
+    return "see the error"
+
+
 class ProcConnector:
     """A subscription to process events.
 
@@ -208,7 +216,7 @@ class ProcConnector:
         except OSError as exc:
             sock.close()
             raise ProcConnectorUnavailable(
-                f"cannot subscribe to process events: {exc} (kernels before 6.6 need CAP_NET_ADMIN)"
+                f"cannot subscribe to process events: {exc} ({_why(exc)})"
             ) from exc
         self._sock = sock
         self._await_ack()
