@@ -27,6 +27,7 @@ from node import Node, lacks_sys_resource
 from restclient import ApiError, Kube, wait_until
 
 from nodemem.host.proc_connector import EventType, ProcConnector, ProcEvent
+from nodemem.host.remount import reconfigure_tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "nodemem"
@@ -432,3 +433,190 @@ def test_who_wins_on_a_container_restart(
     assert window <= 30 + 5  # until the next resync (the chart's resyncSeconds)
     _, window = results["hostNetwork+NET_ADMIN"]
     assert window < 1.0  # the exec event
+
+
+def caps_policy(namespace: str) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "nodemem.dev/v1alpha1",
+            "kind": "NodeMemoryPolicy",
+            "metadata": {"name": f"{namespace}-probe"},
+            "spec": {
+                "tmpfs": [
+                    {
+                        "podShm": True,
+                        "pods": {
+                            "namespace": namespace,
+                            "labelSelector": {"matchLabels": {"shm": "yes"}},
+                        },
+                        "size": "128Mi",
+                    }
+                ],
+                "oom": [
+                    {
+                        "name": "probe",
+                        "match": {
+                            "namespace": namespace,
+                            "labelSelector": {"matchLabels": {"group": "caps"}},
+                        },
+                        "oomScoreAdj": 900,
+                    }
+                ],
+            },
+        }
+    )
+
+
+def agent_capabilities(pod: dict[str, Any]) -> list[str]:
+    return list(pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"])
+
+
+def agent_resynced(node: Node, pod: dict[str, Any]) -> str:
+    """The agent pod's log once it has applied its policies (the resync's last line)."""
+    meta = pod["metadata"]
+    logs = node.root / "pod-logs" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+    text = "".join(p.read_text(errors="replace") for p in sorted(logs.glob("agent/*.log")))
+    return text if "oom rules:" in text else ""
+
+
+PAUSED = "/spec/template/spec/nodeSelector/nodemem-e2e~1paused"
+ADDED_CAPABILITIES = "/spec/template/spec/containers/0/securityContext/capabilities/add"
+
+
+def patch_agent(kubectl: Callable[..., str], *operations: dict[str, Any]) -> None:
+    kubectl(
+        "-n",
+        NAMESPACE,
+        "patch",
+        "daemonset",
+        AGENT,
+        "--type",
+        "json",
+        "-p",
+        json.dumps(list(operations)),
+    )
+
+
+def agent_paused(kube: Kube, kubectl: Callable[..., str]) -> None:
+    """The agent's DaemonSet selects no node: its pod is gone (nothing enforces)."""
+    patch_agent(kubectl, {"op": "add", "path": PAUSED, "value": "true"})
+    wait_until(
+        lambda: not pods(kube, NAMESPACE, "app.kubernetes.io/component=agent"),
+        timeout=POD_TIMEOUT,
+        interval=0.5,
+        message="the agent's pod to be gone",
+    )
+
+
+def agent_with(
+    kube: Kube, node: Node, kubectl: Callable[..., str], caps: list[str]
+) -> dict[str, Any]:
+    """The paused agent back with exactly `caps` added; its pod once Ready and through
+    its first resync."""
+    patch_agent(
+        kubectl,
+        {"op": "remove", "path": PAUSED},
+        {"op": "replace", "path": ADDED_CAPABILITIES, "value": caps},
+    )
+    selector = "app.kubernetes.io/component=agent"
+    wait_until(
+        lambda: (
+            [agent_capabilities(p) for p in pods(kube, NAMESPACE, selector) if ready(p)] == [caps]
+        ),
+        timeout=POD_TIMEOUT,
+        interval=0.5,
+        message=lambda: f"the agent with {caps}: {describe_pods(kube, NAMESPACE)}",
+    )
+    (agent,) = pods(kube, NAMESPACE, selector)
+    wait_until(
+        lambda: agent_resynced(node, agent),
+        timeout=60,
+        interval=0.5,
+        message=f"the first resync of the agent with {caps}",
+    )
+    return agent
+
+
+def test_each_of_the_agents_capabilities_is_needed_and_together_they_suffice(
+    release: Release, kube: Kube, node: Node, kubectl: Callable[..., str]
+) -> None:
+    """The agent's DaemonSet patched to drop one capability at a time; after the new pod's
+    first resync, what it could still do to two pods of its policy: size one's /dev/shm
+    and set both pods' processes' oom_score_adj (they run as the image's user, 65532)."""
+    namespace = "e2e-caps"
+    kubectl("apply", "-f", "-", stdin=caps_policy(namespace))
+    (agent,) = wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
+    granted = agent_capabilities(agent)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        shm_pod = run_pod(kube, namespace, "shm", {"group": "caps", "shm": "yes"})
+        plain_pod = run_pod(kube, namespace, "plain", {"group": "caps", "shm": "no"})
+        shm_pid, plain_pid = container_pid(node, shm_pod), container_pid(node, plain_pod)
+        kubelet_adj = {pid: oom_score_adj(pid) for pid in (shm_pid, plain_pid)}
+        shm = f"/proc/{shm_pid}/root/dev/shm"
+        # One at a time; and DAC_READ_SEARCH with DAC_OVERRIDE, which overrides it too.
+        variants: list[tuple[str, ...]] = [(), *((c,) for c in granted)]
+        variants.append(("DAC_OVERRIDE", "DAC_READ_SEARCH"))
+        for dropped in variants:
+            agent_paused(kube, kubectl)
+            # Put back what the agent changed: the sandbox's size, the kubelet's values.
+            reconfigure_tmpfs(shm, {"size": str(64 << 20)})
+            for pid, value in kubelet_adj.items():
+                Path(f"/proc/{pid}/oom_score_adj").write_text(str(value))
+            agent = agent_with(kube, node, kubectl, [c for c in granted if c not in dropped])
+            log = agent_resynced(node, agent)
+            stat = os.statvfs(shm)
+            results["-".join(dropped) or "none"] = {
+                "shm": stat.f_blocks * stat.f_frsize >> 20,
+                "adj": [oom_score_adj(shm_pid), oom_score_adj(plain_pid)],
+                "log": [
+                    line.split(" F ", 1)[-1]
+                    for line in log.splitlines()
+                    if "tmpfs" in line
+                    or "oom rules" in line
+                    or "WARNING" in line
+                    or "ERROR" in line
+                ][-6:],
+            }
+    finally:  # the chart's own capabilities again, on the node again
+        patch_agent(kubectl, {"op": "replace", "path": ADDED_CAPABILITIES, "value": granted})
+        kubectl(
+            "-n",
+            NAMESPACE,
+            "patch",
+            "daemonset",
+            AGENT,
+            "--type",
+            "merge",
+            "-p",
+            json.dumps(
+                {"spec": {"template": {"spec": {"nodeSelector": {"nodemem-e2e/paused": None}}}}}
+            ),
+        )
+        kubectl("delete", "nmp", f"{namespace}-probe", "--ignore-not-found", "--wait=false")
+        kubectl("delete", "namespace", namespace, "--ignore-not-found", "--wait=false")
+    print("\ncapabilities: " + json.dumps(results, indent=1))
+    kubelets = sorted(kubelet_adj.values())
+    done = {"shm": 128, "adj": [900, 900]}
+
+    def outcome(dropped: str) -> dict[str, Any]:
+        return {"shm": results[dropped]["shm"], "adj": results[dropped]["adj"]}
+
+    assert outcome("none") == done  # sufficient
+    # SYS_ADMIN: the remount (fspick/fsconfig) of the pod's /dev/shm is refused.
+    assert outcome("SYS_ADMIN") == {"shm": 64, "adj": [900, 900]}
+    # SYS_PTRACE: the pod's processes (other capabilities than the agent's) cannot be
+    # read, so no /dev/shm is found.
+    assert outcome("SYS_PTRACE") == {"shm": 64, "adj": [900, 900]}
+    assert any("no running process" in line for line in results["SYS_PTRACE"]["log"])
+    # DAC_OVERRIDE: oom_score_adj of processes of another user (65532) is refused.
+    assert outcome("DAC_OVERRIDE") == {"shm": 128, "adj": kubelets}
+    assert any("Forbidden" in line for line in results["DAC_OVERRIDE"]["log"])
+    if "SYS_RESOURCE" in results:
+        assert outcome("SYS_RESOURCE") == done  # only for values below a floor
+    # DAC_READ_SEARCH adds nothing while DAC_OVERRIDE is granted (it overrides reads
+    # too); FOWNER is for cleanups in sticky directories, which need the host's root
+    # (/proc/1/root, refused on this machine). Neither breaks what this probe does.
+    assert outcome("DAC_READ_SEARCH") == done
+    assert outcome("FOWNER") == done
+    assert outcome("DAC_OVERRIDE-DAC_READ_SEARCH") == outcome("DAC_OVERRIDE")
