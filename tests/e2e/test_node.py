@@ -245,8 +245,24 @@ def test_a_pods_dev_shm_is_sized_by_the_example_policy(
             interval=0.5,
             message=lambda: f"the report's row for ml/trainer: {row()}",
         )
-        out = kubectl("get", "nmp", "ml-pod-shm")
-        assert "ml-pod-shm" in out
+
+        # The controller, in its pod, rolls the report up into the policy's status.
+        def nodes() -> dict[str, int]:
+            policy = kube.get_object(POLICIES, "ml-pod-shm") or {}
+            counts: dict[str, int] = policy.get("status", {}).get("nodes", {})
+            return counts
+
+        wait_until(
+            lambda: nodes().get("matched") == 1 and nodes().get("applied") == 1,
+            timeout=120,
+            interval=0.5,
+            message=lambda: f"the policy's status: nodes {nodes()}",
+        )
+        shown = kubectl("get", "nmp,nmr")
+        print(f"\n$ kubectl get nmp,nmr\n{shown}")
+        assert "ml-pod-shm" in shown and node.name in shown
+        described = kubectl("describe", "nmp", "ml-pod-shm")
+        print(f"$ kubectl describe nmp ml-pod-shm\n{described}")
     finally:
         kubectl(
             "delete", "-f", str(EXAMPLES / "pod-dev-shm.yaml"), "--ignore-not-found", "--wait=false"
