@@ -217,9 +217,11 @@ def test_a_pods_dev_shm_is_sized_by_the_example_policy(
     release: Release, kube: Kube, node: Node, kubectl: Callable[..., str]
 ) -> None:
     wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
-    kubectl("apply", "-f", str(EXAMPLES / "pod-dev-shm.yaml"))
     try:
+        # The pod first: a new policy is applied at once, a new pod at the next resync
+        # (the chart's default pod network has no exec events).
         pod = run_pod(kube, "ml", "trainer", {"shm": "large"})
+        kubectl("apply", "-f", str(EXAMPLES / "pod-dev-shm.yaml"))
         pid = container_pid(node, pod)
         shm = f"/proc/{pid}/root/dev/shm"
 
@@ -354,11 +356,12 @@ def test_an_oom_rule_gives_a_real_containers_process_its_value(
     release: Release, kube: Kube, node: Node, kubectl: Callable[..., str]
 ) -> None:
     wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
-    kubectl("apply", "-f", "-", stdin=oom_policy("e2e-batch", 900))
     try:
         # Burstable: the kubelet gives it 1000 - 1000 * request / capacity at creation.
         pod = run_pod(kube, "e2e-batch", "job", {"tier": "batch"}, {"requests": {"memory": "64Mi"}})
         pid = container_pid(node, pod)
+        assert oom_score_adj(pid) != 900
+        kubectl("apply", "-f", "-", stdin=oom_policy("e2e-batch", 900))  # applied at once
         wait_oom_score_adj(pid, 900)
         out = kubectl("describe", "nmp", "e2e-batch-oom")
         assert "e2e-batch-oom" in out
