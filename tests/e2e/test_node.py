@@ -168,6 +168,22 @@ def container_pid(node: Node, pod: dict[str, Any]) -> int:
     raise AssertionError(f"no task for container {container_id}")
 
 
+def sandbox_pid(pod: dict[str, Any]) -> int:
+    """The host pid of the pod's sandbox process (the pause image's)."""
+    marker = f"pod{pod['metadata']['uid']}/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "pause" and marker in (
+                entry / "cgroup"
+            ).read_text():
+                return int(entry.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no sandbox process of pod {pod['metadata']['name']}")
+
+
 def report(kube: Kube, node: Node) -> dict[str, Any] | None:
     found: dict[str, Any] | None = kube.get_object(REPORTS, node.name)
     return found
@@ -362,7 +378,10 @@ def test_an_oom_rule_gives_a_real_containers_process_its_value(
         pid = container_pid(node, pod)
         assert oom_score_adj(pid) != 900
         kubectl("apply", "-f", "-", stdin=oom_policy("e2e-batch", 900))  # applied at once
+        sandbox = sandbox_pid(pod)
+        sandbox_before = oom_score_adj(sandbox)
         wait_oom_score_adj(pid, 900)
+        assert oom_score_adj(sandbox) == sandbox_before  # the pod's pause is left alone
         out = kubectl("describe", "nmp", "e2e-batch-oom")
         assert "e2e-batch-oom" in out
     finally:

@@ -208,3 +208,56 @@ def test_a_catastrophic_regex_against_a_hostile_cmdline_finishes(sleeper, tmp_pa
     finally:
         hostile.kill()
         hostile.wait()
+
+
+def test_a_pods_sandbox_process_is_not_matched_by_pod_criteria(memcg_root, tmp_path) -> None:
+    """The runtime's `pause` keeps the kubelet's value (-998 on real nodes): a rule for the
+    pod's processes must not make it an OOM victim, which would end the whole pod. A new
+    container not yet in the pod's status is matched."""
+    pod_uid = str(uuid.uuid4())
+    app, sandbox, new = (secrets.token_hex(32) for _ in range(3))
+    pod_cgroup = memcg_root / "kubepods" / "besteffort" / f"pod{pod_uid}"
+    pause = tmp_path / "pause"
+    shutil.copy("/bin/sleep", pause)  # comm "pause", as the runtimes' sandbox shows
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        pids = {}
+        for container, program in ((sandbox, str(pause)), (app, "sleep"), (new, "sleep")):
+            (pod_cgroup / container).mkdir(parents=True)
+            process = subprocess.Popen(
+                [program, "1000"],
+                preexec_fn=joining(pod_cgroup / container),  # noqa: PLW1509 - no threads
+            )
+            started.append(process)
+            exec_done(process.pid, [program, "1000"])
+            pids[container] = process.pid
+        pod = {
+            "kind": "Pod",
+            "metadata": {
+                "uid": pod_uid,
+                "name": "batch-1",
+                "namespace": "team-a",
+                "labels": {"app": "batch"},
+            },
+            "status": {
+                "containerStatuses": [{"name": "worker", "containerID": f"containerd://{app}"}]
+            },
+        }
+        pods_file = tmp_path / "pods.json"
+        pods_file.write_text(json.dumps({"kind": "List", "items": [pod]}))
+        rules = [
+            {
+                "name": "batch",
+                "match": {"labelSelector": {"matchLabels": {"app": "batch"}}},
+                "oomScoreAdj": 700,
+            }
+        ]
+        before = adj(pids[sandbox])
+        assert apply(tmp_path, policy(rules), "--pods-file", str(pods_file))[0] == 0
+        assert adj(pids[app]) == 700
+        assert adj(pids[new]) == 700  # not listed yet, but not the sandbox
+        assert adj(pids[sandbox]) == before
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()

@@ -44,6 +44,8 @@ def rule_matches(match: OomMatch, process: ProcessIdentity, pod: PodInfo | None)
         return True
     if pod is None:
         return False  # a pod criterion never matches a process outside known pods
+    if is_sandbox(process, pod):
+        return False
     if match.namespace is not None and pod.namespace != match.namespace:
         return False
     if match.label_selector is not None and not match.label_selector.matches(pod.labels):
@@ -52,6 +54,19 @@ def rule_matches(match: OomMatch, process: ProcessIdentity, pod: PodInfo | None)
         process.container_id is not None
         and pod.containers.get(process.container_id) == match.container
     )
+
+
+# The runtimes' pod sandbox process (registry.k8s.io/pause, CRI-O's pause): the kubelet
+# gives it -998 so that the OOM killer never takes it, which would end every container
+# of the pod. It is in the pod's cgroup, but no container status names its ID.
+SANDBOX_COMM = "pause"
+
+
+def is_sandbox(process: ProcessIdentity, pod: PodInfo) -> bool:
+    """A pod's sandbox process: named `pause`, in a container the pod's status does not
+    list. (A new container is not listed for a second or two either: the name tells it
+    apart, and a process that names itself so is matched once its container is listed.)"""
+    return process.comm == SANDBOX_COMM and process.container_id not in pod.containers
 
 
 def first_match(
