@@ -230,6 +230,40 @@ class Node:
         if _other_node(self.root) is None:
             MARKER.unlink(missing_ok=True)
 
+    def leftovers(self) -> list[str]:
+        """What of a node is still on this machine (empty after ``down``)."""
+        found = [f"process {name} ({pid})" for name, pid in self.pids.items() if alive(pid)]
+        if (
+            subprocess.run(
+                ["ip", "link", "show", BRIDGE], capture_output=True, check=False
+            ).returncode
+            == 0
+        ):
+            found.append(f"bridge {BRIDGE}")
+        for command in ("iptables-save", "ip6tables-save"):
+            saved = subprocess.run([command], capture_output=True, text=True, check=False).stdout
+            found += [
+                f"{command}: chain {line[1:].split()[0]}"
+                for line in saved.splitlines()
+                if line.startswith((":KUBE-", ":CNI-"))
+            ]
+        found += [f"cgroup {p}" for p in CGROUP_V1.glob("*/kubepods") if p.is_dir()]
+        prefix = str(self.root) + "/"
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            if line.split()[4].startswith(prefix):
+                found.append(f"mount {line.split()[4]}")
+        links = Path("/var/log/containers")
+        if links.is_dir():
+            found += [
+                f"log link {link}"
+                for link in links.iterdir()
+                if link.is_symlink() and os.readlink(link).startswith(prefix)
+            ]
+        for path in (self.root, self.shim_sockets):
+            if path.exists():
+                found.append(f"directory {path}")
+        return found
+
     # --- processes --------------------------------------------------------------------
 
     def _start(self, name: str, args: list[str]) -> None:
@@ -624,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"node {node.name} already running")
     elif args.command == "down":
         node.down()
+        left = node.leftovers()
+        if left:
+            print("left on this machine:\n  " + "\n  ".join(left), file=sys.stderr)
+            return 1
     else:
         print("running" if node.running() and node.ready() else "not running")
     return 0

@@ -43,7 +43,11 @@ def node(plane: ControlPlane) -> Iterator[Node]:
         node.up()
         yield node
     finally:
+        pids = dict(node.pids)
         node.down()
+        node.pids = pids  # to check that each of them has ended
+        left = node.leftovers()
+        assert not left, f"the node left: {left}"
 
 
 @pytest.fixture(scope="module")
