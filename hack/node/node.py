@@ -206,6 +206,7 @@ class Node:
                 stderr=subprocess.DEVNULL,
                 check=False,
             )
+        self._end_stray_processes()
         self._remove_network()
         self._remove_logs()
         _unmount_below(self.root)
@@ -233,6 +234,7 @@ class Node:
     def leftovers(self) -> list[str]:
         """What of a node is still on this machine (empty after ``down``)."""
         found = [f"process {name} ({pid})" for name, pid in self.pids.items() if alive(pid)]
+        found += [f"process {pid} (a shim or in kubepods)" for pid in self._stray_processes()]
         if (
             subprocess.run(
                 ["ip", "link", "show", BRIDGE], capture_output=True, check=False
@@ -529,6 +531,29 @@ disabled_plugins = ["io.containerd.internal.v1.opt"]  # it would make /opt/conta
             self._ctr("tasks", "delete", "-f", task)
         for container in self._ctr("containers", "list", "-q").stdout.split():
             self._ctr("containers", "delete", container)
+
+    def _stray_processes(self) -> list[int]:
+        """What outlived containerd (it died, or a task would not die): our shims, by
+        their executable's path, and the processes in the kubelet's kubepods cgroups."""
+        shim = str(self.plane.bin_dir / "containerd-shim-runc-v2")
+        pids: set[int] = set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.readlink(entry / "exe").removesuffix(" (deleted)") == shim:
+                        pids.add(int(entry.name))
+        for procs in (CGROUP_V1 / "memory" / "kubepods").rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(line) for line in procs.read_text().split())
+        return sorted(pids)
+
+    def _end_stray_processes(self) -> None:
+        for pid in self._stray_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self._stray_processes() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _remove_network(self) -> None:
         subprocess.run(["ip", "link", "delete", BRIDGE], stderr=subprocess.DEVNULL, check=False)
