@@ -40,6 +40,9 @@ GROUPS: dict[tuple[str, ...], dict[str, str]] = {
 }
 
 
+NRI_PLUGIN = "nodemem-nri"  # nri/: sets oom_score_adj at CreateContainer
+
+
 def _ldflags() -> str:
     # What `containerd --version` and `ctr version` report.
     return " ".join(
@@ -53,8 +56,9 @@ def _ldflags() -> str:
 
 
 def build(bin_dir: Path = BIN, *, quiet: bool = False) -> bool:
-    """Build the three commands into ``bin_dir`` unless the stamp says they are current."""
-    return go_build(
+    """Build containerd's three commands and the NRI plugin (nri/, its own module) into
+    ``bin_dir`` unless their stamps say they are current."""
+    built = go_build(
         HERE,
         bin_dir,
         GROUPS,
@@ -63,6 +67,16 @@ def build(bin_dir: Path = BIN, *, quiet: bool = False) -> bool:
         label=f"containerd ({CONTAINERD_VERSION})",
         quiet=quiet,
     )
+    plugin = go_build(
+        HERE / "nri",
+        bin_dir,
+        {(): {NRI_PLUGIN: "."}},
+        ldflags="-s -w",
+        stamp=".nri-build-key",
+        label="the NRI plugin",
+        quiet=quiet,
+    )
+    return built or plugin
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,11 @@ PAUSE_CFLAGS = (
     "-Wall", "-Wextra", "-Werror", '-DVERSION="3.10"',
 )  # fmt: skip
 PAUSE_CONFIG = ("--entrypoint", '["/pause"]', "--user=65535:65535")  # as upstream's image
+# The NRI plugin (hack/node/nri), built by hack/node/build.py: the agent's sidecar. Root:
+# the runtime's NRI socket is root's.
+NRI_IMAGE = "docker.io/library/nodemem-nri:0.1.0"
+NRI_BINARY = REPO / ".cluster" / "bin" / "nodemem-nri"
+NRI_CONFIG = ("--entrypoint", '["/nodemem-nri"]', "--user=0:0")
 # The host's CA bundle is bind-mounted over the image's during the Dockerfile's RUN steps
 # (never into a layer): `pip wheel` reaches PyPI through whatever TLS the host trusts.
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -144,7 +149,7 @@ def build_images(
         for leftover in _tmpdir().iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
         base = _base_image()
-        for image in (_project_image(base), _pause_image()):
+        for image in (_project_image(base), _pause_image(), _nri_image()):
             assert image.archive is not None
             archive = out_dir / image.archive
             stamp = archive.with_name(archive.name + ".key")
@@ -277,6 +282,45 @@ def _project_image(base: Image) -> Image:
         smoke=smoke,
         archive=_archive_name(name),
         base=base,
+    )
+
+
+def _nri_image() -> Image:
+    if not NRI_BINARY.is_file():
+        raise ImageBuildError(f"{NRI_BINARY} is missing: hack/node/build.py builds it")
+    digest = hashlib.sha256()
+    for part in (f"recipe {RECIPE_VERSION}", NRI_IMAGE, *NRI_CONFIG):
+        digest.update(part.encode() + b"\0")
+    digest.update(NRI_BINARY.read_bytes())
+
+    def build(quiet: bool) -> None:
+        container = _buildah("from", "--pull=never", "scratch", capture=True).strip()
+        try:
+            _buildah(
+                "copy",
+                "--quiet",
+                "--chmod=0755",
+                container,
+                str(NRI_BINARY),
+                "/nodemem-nri",
+                quiet=quiet,
+            )
+            config = [*NRI_CONFIG, "--os=linux", f"--arch={_arch()}"]
+            _buildah("config", *config, container, quiet=quiet)
+            _buildah("commit", "--quiet", "--rm", container, NRI_IMAGE, quiet=quiet)
+        except BaseException:
+            _buildah("rm", container, check=False, quiet=True)
+            raise
+
+    def smoke(quiet: bool) -> None:
+        _smoke(NRI_IMAGE, ["/nodemem-nri", "-h"], expect="-rules", quiet=quiet)
+
+    return Image(
+        name=NRI_IMAGE,
+        key=digest.hexdigest(),
+        build=build,
+        smoke=smoke,
+        archive=_archive_name(NRI_IMAGE),
     )
 
 

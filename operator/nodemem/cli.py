@@ -273,7 +273,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         PolicyFile(args.policy_file),
         node_labels=args.node_labels,
         pods=_pods(args),
-        settings=AgentSettings(resync_seconds=args.resync, dry_run=args.dry_run),
+        settings=AgentSettings(
+            resync_seconds=args.resync, dry_run=args.dry_run, nri_rules_file=args.nri_rules_file
+        ),
         # The policies are the file's; the state dir keeps only the undo record.
         originals=Originals(_state_dir(args) / AGENT_FILE, paths),
         on_cycle=CycleMetrics(metrics, paths) if metrics is not None else None,
@@ -322,6 +324,7 @@ def _cluster_agent(args: argparse.Namespace) -> int:
         heartbeat_seconds=args.heartbeat,
         dry_run=args.dry_run,
         paths=_host_paths(args),
+        nri_rules_file=args.nri_rules_file,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -484,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--resync", type=float, default=30.0, metavar="SECONDS", help="full resync interval"
+    )
+    agent.add_argument(
+        "--nri-rules-file",
+        type=Path,
+        metavar="PATH",
+        help="write the oom rules an NRI plugin can apply at container creation here "
+        "(the chart's nri sidecar reads it)",
     )
     _add_host_options(agent)
     agent.set_defaults(func=cmd_agent)

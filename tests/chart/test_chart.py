@@ -90,6 +90,7 @@ VARIANTS: dict[str, Obj] = {
         }
     },
     "extra-capabilities": {"agent": {"extraCapabilities": ["NET_ADMIN"]}},
+    "nri": {"nri": {"enabled": True, "socketDir": "/run/containerd/nri"}},
     "controller-peering": {"controller": {"replicas": 2, "peering": {"enabled": True}}},
     "image-digest-and-pull-secret": {
         "image": {
@@ -229,6 +230,29 @@ def test_agent_extra_capabilities_are_added_after_the_four() -> None:
     rendered = render(VARIANTS["extra-capabilities"])
     capabilities = agent_container(rendered)["securityContext"]["capabilities"]
     assert capabilities == {"drop": ["ALL"], "add": [*AGENT_CAPABILITIES, "NET_ADMIN"]}
+
+
+def test_the_nri_plugin_runs_beside_the_agent_without_capabilities() -> None:
+    pod = agent_pod(render(VARIANTS["nri"]))
+    agent, plugin = pod["containers"]
+    assert plugin["name"] == "nri"
+    assert plugin["image"] == "nodemem-nri:0.1.0"
+    assert plugin["args"] == [
+        "-socket",
+        "/var/run/nri/nri.sock",
+        "-rules",
+        "/var/run/nodemem-nri/rules.json",
+    ]
+    security = plugin["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True and security["privileged"] is False
+    assert agent["args"][-2:] == ["--nri-rules-file", "/var/run/nodemem-nri/rules.json"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["nri-socket"]["hostPath"] == {"path": "/run/containerd/nri", "type": "Directory"}
+    assert volumes["nri-rules"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
+    mounts = {m["name"]: m for m in plugin["volumeMounts"]}
+    assert mounts["nri-rules"]["readOnly"] is True
+    assert [c["name"] for c in agent_pod(render())["containers"]] == ["agent"]  # off by default
 
 
 def test_agent_in_the_nodes_network_namespace_resolves_cluster_names_still() -> None:

@@ -91,9 +91,11 @@ class Release:
     config: helm.Config
     info: dict[str, Any]
 
-    def upgrade(self, **agent: Any) -> None:
+    def upgrade(self, nri: dict[str, Any] | None = None, **agent: Any) -> None:
         values = chart_values(self.node)
         values["agent"].update(agent)
+        if nri is not None:
+            values["nri"] = nri
         self.info = self.config.upgrade(
             str(CHART), RELEASE, values, namespace=NAMESPACE, wait="hookOnly", timeout=120
         )
@@ -429,12 +431,32 @@ def test_who_wins_on_a_container_restart(
     """The kubelet gives each new container the oom_score_adj of its QoS class; the
     agent's rule replaces it at the next resync (in the pod's network namespace, the
     default: no proc connector) or at exec (hostNetwork and NET_ADMIN: the proc
-    connector)."""
+    connector); with the NRI plugin the runtime sets it before the process runs."""
     kubectl("apply", "-f", "-", stdin=oom_policy("e2e-restart", 900))
     results: dict[str, tuple[int, float]] = {}
     try:
-        for mode, host_network in (("pod network", False), ("hostNetwork+NET_ADMIN", True)):
-            if host_network:
+        modes = (("pod network", False), ("hostNetwork+NET_ADMIN", True), ("NRI plugin", None))
+        for mode, host_network in modes:
+            if host_network is None:
+                # The chart's default network again, and the plugin beside the agent.
+                nri = {"enabled": True, "socketDir": str(node.nri_socket.parent)}
+                release.upgrade(nri=nri)
+                wait_until(
+                    lambda: (
+                        [
+                            (p["spec"].get("hostNetwork", False), len(p["spec"]["containers"]))
+                            for p in pods(kube, NAMESPACE, "app.kubernetes.io/component=agent")
+                            if ready(p)
+                        ]
+                        == [(False, 2)]
+                    ),
+                    timeout=POD_TIMEOUT,
+                    interval=0.5,
+                    message=lambda: (
+                        f"the agent with the NRI plugin: {describe_pods(kube, NAMESPACE)}"
+                    ),
+                )
+            elif host_network:
                 release.upgrade(
                     hostNetwork=True,
                     metricsPort=18080,
@@ -471,6 +493,8 @@ def test_who_wins_on_a_container_restart(
     assert window <= 30 + 5  # until the next resync (the chart's resyncSeconds)
     _, window = results["hostNetwork+NET_ADMIN"]
     assert window < 1.0  # the exec event
+    first, window = results["NRI plugin"]
+    assert first == 900  # set by the runtime before the process ran: no window at all
 
 
 def caps_policy(namespace: str) -> str:

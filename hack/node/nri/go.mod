@@ -1,4 +1,4 @@
-module nodemem.local/hack/node/nri
+module nodemem.local/nodemem-nri
 
 go 1.24.0
 

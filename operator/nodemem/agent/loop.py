@@ -14,12 +14,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
+from nodemem.agent.nri_rules import nri_rules, write_nri_rules
 from nodemem.api.policy import NodeMemoryPolicy
 from nodemem.api.report import CleanupStatus
 from nodemem.host.cleanup import CleanupResult
 from nodemem.host.identity import read_pod_cgroup
 from nodemem.host.meminfo import read_meminfo
+from nodemem.host.oom_adj import has_cap_sys_resource
 from nodemem.host.originals import Originals
 from nodemem.host.paths import HostPaths
 from nodemem.host.pod_shm import host_mount_namespace, mount_namespace
@@ -62,6 +65,8 @@ class AgentSettings:
     # While exec events flow, a resync re-reads only processes it has not seen; every
     # this many resyncs it re-reads all (a cgroup move or a prctl rename has no event).
     full_oom_rescan_every: int = 10
+    # Where the NRI plugin's rules are written at every policy change (agent/nri_rules.py).
+    nri_rules_file: Path | None = None
 
 
 # Outcomes worth remembering for a process: trying again gives the same answer until the
@@ -236,6 +241,12 @@ class NodeAgent:
         effective = effective_policy(policies, self.node_labels, self.memory_total)
         self.state.effective = effective
         self._inputs_version += 1
+        if self.settings.nri_rules_file is not None:
+            rules = [] if self.settings.dry_run else effective.oom
+            allowed = has_cap_sys_resource(self.paths)
+            write_nri_rules(
+                self.settings.nri_rules_file, nri_rules(rules, negative_allowed=allowed)
+            )
         self.clock.track(
             {item.name: item.item.schedule for item in effective.cleanup}, self.wall_clock()
         )

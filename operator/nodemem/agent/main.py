@@ -47,6 +47,7 @@ class ClusterAgentOptions:
     metrics_host: str = "0.0.0.0"
     metrics_top_objects: int = DEFAULT_TOP_OBJECTS
     poll_seconds: float = 1.0  # how soon a policy or node label change is acted on
+    nri_rules_file: Path | None = None  # the NRI plugin's rules (agent/nri_rules.py)
     wall_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))  # cron
 
 
@@ -149,6 +150,7 @@ class ClusterAgent:
                 resync_seconds=options.resync_seconds,
                 poll_seconds=options.poll_seconds,
                 dry_run=options.dry_run,
+                nri_rules_file=options.nri_rules_file,
             ),
             on_cycle=Reporter(self.writer, self.events, self.metrics, options.paths),
             wall_clock=options.wall_clock,
