@@ -285,6 +285,22 @@ def _project_image(base: Image) -> Image:
     )
 
 
+def _scratch_image(
+    name: str, binary: Path, destination: str, config: Sequence[str], *, quiet: bool
+) -> None:
+    """Commit `name`: one static `binary` at `destination` in an empty image."""
+    container = _buildah("from", "--pull=never", "scratch", capture=True).strip()
+    try:
+        _buildah(
+            "copy", "--quiet", "--chmod=0755", container, str(binary), destination, quiet=quiet
+        )
+        _buildah("config", *config, "--os=linux", f"--arch={_arch()}", container, quiet=quiet)
+        _buildah("commit", "--quiet", "--rm", container, name, quiet=quiet)
+    except BaseException:
+        _buildah("rm", container, check=False, quiet=True)
+        raise
+
+
 def _nri_image() -> Image:
     if not NRI_BINARY.is_file():
         raise ImageBuildError(f"{NRI_BINARY} is missing: hack/node/build.py builds it")
@@ -294,23 +310,7 @@ def _nri_image() -> Image:
     digest.update(NRI_BINARY.read_bytes())
 
     def build(quiet: bool) -> None:
-        container = _buildah("from", "--pull=never", "scratch", capture=True).strip()
-        try:
-            _buildah(
-                "copy",
-                "--quiet",
-                "--chmod=0755",
-                container,
-                str(NRI_BINARY),
-                "/nodemem-nri",
-                quiet=quiet,
-            )
-            config = [*NRI_CONFIG, "--os=linux", f"--arch={_arch()}"]
-            _buildah("config", *config, container, quiet=quiet)
-            _buildah("commit", "--quiet", "--rm", container, NRI_IMAGE, quiet=quiet)
-        except BaseException:
-            _buildah("rm", container, check=False, quiet=True)
-            raise
+        _scratch_image(NRI_IMAGE, NRI_BINARY, "/nodemem-nri", NRI_CONFIG, quiet=quiet)
 
     def smoke(quiet: bool) -> None:
         _smoke(NRI_IMAGE, ["/nodemem-nri", "-h"], expect="-rules", quiet=quiet)
@@ -343,17 +343,7 @@ def _pause_image() -> Image:
         with tempfile.TemporaryDirectory(dir=_tmpdir(), prefix="pause-") as scratch:
             binary = Path(scratch) / "pause"
             _run(["gcc", *PAUSE_CFLAGS, "-o", str(binary), str(PAUSE_SOURCE)], quiet=quiet)
-            container = _buildah("from", "--pull=never", "scratch", capture=True).strip()
-            try:
-                _buildah(
-                    "copy", "--quiet", "--chmod=0755", container, str(binary), "/pause", quiet=quiet
-                )
-                config = [*PAUSE_CONFIG, "--os=linux", f"--arch={_arch()}"]
-                _buildah("config", *config, container, quiet=quiet)
-                _buildah("commit", "--quiet", "--rm", container, PAUSE_IMAGE, quiet=quiet)
-            except BaseException:
-                _buildah("rm", container, check=False, quiet=True)
-                raise
+            _scratch_image(PAUSE_IMAGE, binary, "/pause", PAUSE_CONFIG, quiet=quiet)
 
     def smoke(quiet: bool) -> None:
         _smoke(PAUSE_IMAGE, ["/pause", "-v"], expect="pause.c 3.10", quiet=quiet)
