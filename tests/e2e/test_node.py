@@ -533,12 +533,13 @@ def agent_capabilities(pod: dict[str, Any]) -> list[str]:
     return list(pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"])
 
 
-def agent_resynced(node: Node, pod: dict[str, Any]) -> str:
-    """The agent pod's log once it has applied its policies (the resync's last line)."""
+def agent_resynced(node: Node, pod: dict[str, Any], matched: int = 2) -> str:
+    """The agent pod's log once two resyncs matched `matched` processes: the second began
+    after the pods were known (they may arrive in the middle of the first)."""
     meta = pod["metadata"]
     logs = node.root / "pod-logs" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
     text = "".join(p.read_text(errors="replace") for p in sorted(logs.glob("agent/*.log")))
-    return text if "oom rules:" in text else ""
+    return text if text.count(f"oom rules: {matched} matched") >= 2 else ""
 
 
 PAUSED = "/spec/template/spec/nodeSelector/nodemem-e2e~1paused"
@@ -574,7 +575,7 @@ def agent_with(
     kube: Kube, node: Node, kubectl: Callable[..., str], caps: list[str]
 ) -> dict[str, Any]:
     """The paused agent back with exactly `caps` added; its pod once Ready and through
-    its first resync."""
+    two resyncs."""
     patch_agent(
         kubectl,
         {"op": "remove", "path": PAUSED},
@@ -594,7 +595,7 @@ def agent_with(
         lambda: agent_resynced(node, agent),
         timeout=60,
         interval=0.5,
-        message=f"the first resync of the agent with {caps}",
+        message=f"two resyncs of the agent with {caps}",
     )
     return agent
 
@@ -603,9 +604,10 @@ def test_each_of_the_agents_capabilities_is_needed_and_together_they_suffice(
     release: Release, kube: Kube, node: Node, kubectl: Callable[..., str]
 ) -> None:
     """The agent's DaemonSet patched to drop one capability at a time; after the new pod's
-    first resync, what it could still do to two pods of its policy: size one's /dev/shm
+    second resync, what it could still do to two pods of its policy: size one's /dev/shm
     and set both pods' processes' oom_score_adj (they run as the image's user, 65532)."""
     namespace = "e2e-caps"
+    release.upgrade(resyncSeconds=5)  # each variant's second resync soon
     kubectl("apply", "-f", "-", stdin=caps_policy(namespace))
     (agent,) = wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
     granted = agent_capabilities(agent)
