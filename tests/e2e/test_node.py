@@ -608,7 +608,6 @@ def test_each_of_the_agents_capabilities_is_needed_and_together_they_suffice(
     and set both pods' processes' oom_score_adj (they run as the image's user, 65532)."""
     namespace = "e2e-caps"
     release.upgrade(resyncSeconds=5)  # each variant's second resync soon
-    kubectl("apply", "-f", "-", stdin=caps_policy(namespace))
     (agent,) = wait_ready(kube, NAMESPACE, "app.kubernetes.io/component=agent")
     granted = agent_capabilities(agent)
     results: dict[str, dict[str, Any]] = {}
@@ -617,6 +616,8 @@ def test_each_of_the_agents_capabilities_is_needed_and_together_they_suffice(
         plain_pod = run_pod(kube, namespace, "plain", {"group": "caps", "shm": "no"})
         shm_pid, plain_pid = container_pid(node, shm_pod), container_pid(node, plain_pod)
         kubelet_adj = {pid: oom_score_adj(pid) for pid in (shm_pid, plain_pid)}
+        assert 900 not in kubelet_adj.values()  # the kubelet's, before any policy
+        kubectl("apply", "-f", "-", stdin=caps_policy(namespace))
         shm = f"/proc/{shm_pid}/root/dev/shm"
         # One at a time; and DAC_READ_SEARCH with DAC_OVERRIDE, which overrides it too.
         variants: list[tuple[str, ...]] = [(), *((c,) for c in granted)]
