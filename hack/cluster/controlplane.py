@@ -306,9 +306,7 @@ class ControlPlane:
         and from the tests' supervisor thread)."""
         with self._lock:
             manager = self.pids.get("kube-controller-manager")
-            if manager is None or (
-                alive(manager) and self._is_ours(manager, "kube-controller-manager")
-            ):
+            if manager is None or (alive(manager) and runs(manager, "kube-controller-manager")):
                 return False
             reap(manager)
             self._start("kube-controller-manager", self._controller_manager_args())
@@ -371,27 +369,8 @@ class ControlPlane:
 
     def _stop(self, name: str, timeout: float = 15.0) -> None:
         pid = self.pids.pop(name, None)
-        if pid is None or not alive(pid) or not self._is_ours(pid, name):
-            return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while alive(pid) and time.monotonic() < deadline:
-            reap(pid)
-            time.sleep(0.05)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            while alive(pid):
-                reap(pid)
-                time.sleep(0.05)
-        reap(pid)
-
-    def _is_ours(self, pid: int, name: str) -> bool:
-        """The pid still runs our binary (a recycled pid is left alone)."""
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            return False
-        return Path(exe.removesuffix(" (deleted)")).name == name
+        if pid is not None:
+            stop_process(pid, name, timeout)
 
     def _tail(self, name: str, lines: int = 30) -> str:
         try:
@@ -551,6 +530,32 @@ class ControlPlane:
         ):
             path.write_text(self.kubeconfig_for(client))
             path.chmod(0o600)
+
+
+def runs(pid: int, name: str) -> bool:
+    """The pid still runs our binary `name` (a recycled pid is left alone)."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return Path(exe.removesuffix(" (deleted)")).name == name
+
+
+def stop_process(pid: int, name: str, timeout: float) -> None:
+    """SIGTERM to `pid` if it still runs `name`, SIGKILL after `timeout` s; reaped."""
+    if not alive(pid) or not runs(pid, name):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        reap(pid)
+        time.sleep(0.05)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        while alive(pid):
+            reap(pid)
+            time.sleep(0.05)
+    reap(pid)
 
 
 def reap(pid: int) -> None:

@@ -36,7 +36,15 @@ sys.path[:0] = [str(REPO / "hack" / "cluster"), str(HERE)]
 
 import build as node_build  # noqa: E402  (hack/node/build.py: containerd)
 import images  # noqa: E402  (hack/node/images.py)
-from controlplane import BIN, DEFAULT_DIR, ControlPlane, alive, free_port, reap  # noqa: E402
+from controlplane import (  # noqa: E402
+    BIN,
+    DEFAULT_DIR,
+    ControlPlane,
+    alive,
+    free_port,
+    runs,
+    stop_process,
+)
 
 NODE_NAME = "nodemem-node"
 BRIDGE = "nodemem0"
@@ -283,18 +291,8 @@ class Node:
 
     def _stop(self, name: str, timeout: float = 20.0) -> None:
         pid = self.pids.pop(name, None)
-        if pid is None or not alive(pid) or not _runs(pid, name):
-            return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while alive(pid) and time.monotonic() < deadline:
-            reap(pid)
-            time.sleep(0.05)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-        while alive(pid):
-            reap(pid)
-            time.sleep(0.05)
+        if pid is not None:
+            stop_process(pid, name, timeout)
 
     def _wait(self, condition: Any, name: str, deadline: float) -> None:
         while not condition():
@@ -614,7 +612,7 @@ def _other_node(root: Path) -> str | None:
         other, pid = str(marker["root"]), int(marker["kubelet"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return other if other != str(root) and alive(pid) and _runs(pid, "kubelet") else None
+    return other if other != str(root) and alive(pid) and runs(pid, "kubelet") else None
 
 
 def _remove_chains(command: str, table: str, prefixes: tuple[str, ...]) -> None:
@@ -658,13 +656,6 @@ def _unmount_below(root: Path) -> None:
             points.append(point)
     for point in sorted(points, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL, check=False)
-
-
-def _runs(pid: int, name: str) -> bool:
-    try:
-        return Path(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")).name == name
-    except OSError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

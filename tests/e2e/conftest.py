@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "hack" / "node")]
+import nodemem_setup  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 from node import Node  # noqa: E402
 from restclient import Kube  # noqa: E402
@@ -57,17 +57,7 @@ def kube(plane: ControlPlane, node: Node) -> Kube:
 
 @pytest.fixture(scope="module")
 def kubectl(plane: ControlPlane, node: Node) -> Callable[..., str]:
-    def run(*args: str, check: bool = True, stdin: str | None = None) -> str:
-        result = subprocess.run(
-            [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig}", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
-        return result.stdout + (result.stderr if not check else "")
+    def run(*args: str, stdin: str | None = None) -> str:
+        return nodemem_setup.kubectl(plane, *args, input=stdin)
 
     return run
