@@ -26,6 +26,8 @@ from controlplane import ControlPlane
 from node import Node, lacks_sys_resource
 from restclient import ApiError, Kube, wait_until
 
+from nodemem.host.oom_adj import read_oom_score_adj
+from nodemem.host.paths import HostPaths
 from nodemem.host.proc_connector import EventType, ProcConnector, ProcEvent
 from nodemem.host.remount import reconfigure_tmpfs
 
@@ -357,7 +359,7 @@ def oom_policy(namespace: str, value: int) -> str:
 
 
 def oom_score_adj(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    return read_oom_score_adj(HostPaths(), pid)  # one read(2): see its docstring
 
 
 def wait_oom_score_adj(pid: int, value: int, timeout: float = 90) -> None:

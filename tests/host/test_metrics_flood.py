@@ -29,6 +29,8 @@ import pytest
 import yaml
 
 from nodemem.agent.metrics import MAX_CONNECTIONS, REQUEST_SECONDS
+from nodemem.host.oom_adj import read_oom_score_adj
+from nodemem.host.paths import HostPaths
 
 pytestmark = pytest.mark.privileged
 
@@ -44,7 +46,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, message: str) -> Non
 
 
 def adj(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    return read_oom_score_adj(HostPaths(), pid)  # one read(2): see its docstring
 
 
 def threads_of(pid: int) -> int:

@@ -21,6 +21,7 @@ from memcg_helpers import joining
 
 from nodemem.api.manifest import load_policies
 from nodemem.cli import main
+from nodemem.host.oom_adj import read_oom_score_adj
 from nodemem.host.paths import HostPaths
 from nodemem.policy.effective import effective_policy
 from nodemem.policy.oom import apply_to_process
@@ -50,7 +51,7 @@ def sleeper() -> Iterator[Callable[..., int]]:
 
 
 def adj(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    return read_oom_score_adj(HostPaths(), pid)  # one read(2): see its docstring
 
 
 def policy(rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import yaml
 
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.policy_file import PolicyFile
+from nodemem.host.oom_adj import read_oom_score_adj
 from nodemem.host.paths import HostPaths
 from samples import FakeWallClock
 
@@ -40,7 +41,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def adj(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    return read_oom_score_adj(HostPaths(), pid)  # one read(2): see its docstring
 
 
 def manifest(point: Path, token: str, oom_adj: int = 700) -> dict[str, Any]:

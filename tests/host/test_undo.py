@@ -33,6 +33,7 @@ from test_pod_shm import policy as pod_shm_policy
 from nodemem.agent.loop import AgentSettings, NodeAgent
 from nodemem.agent.policy_file import PolicyFile
 from nodemem.cli import main
+from nodemem.host.oom_adj import read_oom_score_adj
 from nodemem.host.originals import AGENT_FILE, APPLY_FILE, Originals
 from nodemem.host.paths import HostPaths
 from nodemem.policy.pods import PodDirectory, PodInfo, load_pods_file
@@ -51,7 +52,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def adj(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    return read_oom_score_adj(HostPaths(), pid)  # one read(2): see its docstring
 
 
 def size(point: Path) -> int:

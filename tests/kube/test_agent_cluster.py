@@ -32,6 +32,8 @@ from restclient import ApiError, AuditLog, Kube, wait_until
 
 from conftest import AGENT_USER, POLICIES, REPORTS
 from nodemem.agent.main import ClusterAgent, ClusterAgentOptions
+from nodemem.host.oom_adj import read_oom_score_adj
+from nodemem.host.paths import HostPaths
 from nodemem.kube import load_client_config
 from samples import FakeWallClock
 
@@ -51,7 +53,7 @@ def free_port() -> int:
 
 
 def adj(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    return read_oom_score_adj(HostPaths(), pid)  # one read(2): see its docstring
 
 
 def size_of(point: Path) -> int:

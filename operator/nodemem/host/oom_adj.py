@@ -25,7 +25,6 @@ from nodemem.host.procfs import (
     classify,
     open_process_dir,
     read_proc_text,
-    read_text,
     stat_fields,
 )
 
@@ -55,9 +54,25 @@ class AdjResult:
     message: str
 
 
+def _read_adj_once(path: str, dir_fd: int | None = None) -> str:
+    """oom_score_adj ("-1000\n" at most) in one read(2) (see read_oom_score_adj)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, 64).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def read_oom_score_adj(paths: HostPaths, pid: int) -> int:
-    """Raises procfs.ProcessGone / ProcessUnreadable."""
-    text = read_text(paths, pid, "oom_score_adj")
+    """Raises procfs.ProcessGone / ProcessUnreadable.
+
+    One read(2): the kernel formats this file anew at each read, so a second read at
+    offset 2 returns the tail of a value written in between ("0\n" then "0\n" of "600\n").
+    """
+    try:
+        text = _read_adj_once(str(paths.proc(pid, "oom_score_adj")))
+    except OSError as exc:
+        raise classify(pid, "oom_score_adj", exc) from exc
     try:
         return int(text.strip())
     except ValueError:
@@ -123,6 +138,8 @@ def _gone(pid: int, value: int, previous: int | None, expected_start: int | None
 def _read_at(dir_fd: int, pid: int, name: str) -> str:
     """A file of the process of dir_fd. Raises ProcessGone / ProcessUnreadable / OSError."""
     try:
+        if name == "oom_score_adj":
+            return _read_adj_once(name, dir_fd)
         return read_proc_text(name, dir_fd=dir_fd)
     except OSError as exc:
         raise classify(pid, name, exc) from exc
